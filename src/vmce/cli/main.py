@@ -1,0 +1,35 @@
+"""The ``vmce`` command: entry point and sub-command wiring."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vmce.cli import decode, demo, hvmctx, mceinject
+from vmce.cli.output import CliError, err_console
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="vmce: machine-check fault injection and a Xen-style virtual MCA for KVM guests.",
+)
+app.command()(decode.decode)
+app.command()(demo.demo)
+app.add_typer(hvmctx.app, name="hvmctx")
+app.add_typer(mceinject.app, name="mce-inject")
+
+
+def main() -> None:
+    """Run the CLI; user errors become one line on stderr and exit status 2."""
+    try:
+        app(standalone_mode=True)
+    except CliError as e:
+        err_console.print(f"vmce: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

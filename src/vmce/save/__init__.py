@@ -1,0 +1,1 @@
+"""Xen save formats: HVM context records and (later) the libxc migration stream."""

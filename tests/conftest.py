@@ -1,0 +1,48 @@
+"""Suite-wide policy: where /dev/kvm is usable, a skipped KVM test is a failure.
+
+KVM tests carry the ``kvm`` marker. Without a usable /dev/kvm they skip with a loud reason;
+with one, any skip among them fails the run, so CI cannot go green without running them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_skipped_kvm: list[str] = []
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Whether /dev/kvm can be opened read-write, and why not."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"/dev/kvm not usable here ({e.strerror}); KVM tests skipped"
+    os.close(fd)
+    return True, ""
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "kvm" in report.keywords:
+        _skipped_kvm.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    usable, _ = kvm_usable()
+    if usable and _skipped_kvm:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    usable, why = kvm_usable()
+    if not usable:
+        terminalreporter.write_line(f"WARNING: {why}", yellow=True, bold=True)
+    elif _skipped_kvm:
+        terminalreporter.write_line(
+            f"FAILED: /dev/kvm is usable but {len(_skipped_kvm)} KVM test(s) were skipped:",
+            red=True,
+            bold=True,
+        )
+        for nodeid in _skipped_kvm:
+            terminalreporter.write_line(f"  {nodeid}", red=True)
