@@ -48,6 +48,7 @@ def raw(size: int) -> Any:
     return _fmt(f"{size}s", b"\0" * size)
 
 
+_RESERVED = frozenset({"struct", "size", "field_names", "unpack_from", "pack", "_compiled"})
 _STRUCTS: dict[type, tuple[struct.Struct, tuple[str, ...]]] = {}
 
 
@@ -61,6 +62,9 @@ class Layout:
         entry = _STRUCTS.get(cls)
         if entry is None:
             fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+            clash = {f.name for f in fields} & _RESERVED
+            if clash:
+                raise TypeError(f"{cls.__name__}: field names {sorted(clash)} shadow Layout")
             st = struct.Struct(cls.BYTE_ORDER + "".join(f.metadata["fmt"] for f in fields))
             entry = _STRUCTS[cls] = (st, tuple(f.name for f in fields))
         return entry
