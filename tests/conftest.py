@@ -7,6 +7,7 @@ with one, any skip among them fails the run, so CI cannot go green without runni
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 
 import pytest
 
@@ -23,9 +24,14 @@ def kvm_usable() -> tuple[bool, str]:
     return True, ""
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "kvm" in report.keywords:
-        _skipped_kvm.append(report.nodeid)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.skipped and item.get_closest_marker("kvm") is not None:
+        _skipped_kvm.append(item.nodeid)
+    return report
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -1,0 +1,227 @@
+"""A KVM virtual machine whose MCA is Xen's vMCE: the model wired into the VMM.
+
+* Guest RDMSR/WRMSR of every MSR Xen routes to the vMCE exits to user space (MSR filter) and
+  is answered by the domain's :class:`~vmce.vmce.MsrTable`.
+* A vMCE that the model marks pending is delivered on that vCPU's own thread: the vCPU is
+  kicked, the flag acknowledged, and #MC (vector 18) injected with KVM_SET_VCPU_EVENTS.
+* KVM_SET_VCPU_EVENTS applies no architectural rule, so this module applies the ones a CPU
+  would: #MC with CR4.MCE clear shuts the guest down (triple fault); and when the model says
+  the domain crashed (a vCPU still had MCG_STATUS.MCIP set, or a #MC still pending) the guest
+  is shut down too. Either way the VMM reports it and keeps running.
+* Host errors go through the host path (:mod:`vmce.host.memerr`): the guest's RAM is backed
+  by host frames from ``host_mfn_base`` on, so a guest-physical address is translated back
+  and forth exactly as Xen does it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vmce.host.memerr import HostBank, HostMca, HostMceReport, PhysicalMce
+from vmce.host.memory import PAGE_SHIFT, GuestDomain, HostMemory
+from vmce.kvm.boot import BspBoot, DirectBoot
+from vmce.kvm.machine import Machine, MachineConfig
+from vmce.kvm.stop import StopReason
+from vmce.kvm.vcpu import Vcpu
+from vmce.kvm.vm import MsrRange
+from vmce.kvm.x86.cpuid import AMD_ZEN3, INTEL_BROADWELL, CpuProfile
+from vmce.mca.constants import CR4_MCE, MC_VECTOR
+from vmce.mca.msr import AMD_THRESHOLD_MSRS, VMCE_ROUTED_RANGES
+from vmce.vmce import BROADCAST, BankRecord, Crash, Delivery, Domain, HostProfile, InjectionPolicy
+from vmce.vmce import Vendor as ModelVendor
+
+#: How often a #MC is retried while another exception occupies the vCPU's event slot.
+MAX_DELIVERY_RETRIES = 200
+RETRY_DELAY = 0.0005
+
+
+@dataclass(frozen=True)
+class McDelivery:
+    """One #MC as the VMM delivered it (or why it could not)."""
+
+    vcpu_id: int
+    requested: float
+    delivered: float
+    accepted: bool
+    detail: str
+
+
+@dataclass
+class VmceVmConfig:
+    """A VM with a vMCE: its size, boot, host profile, guest CPU and injection policy."""
+
+    boot: DirectBoot | BspBoot
+    vcpus: int = 1
+    memory_size: int = 64 << 20
+    profile: HostProfile = field(default_factory=HostProfile.intel)
+    cpu: CpuProfile | None = None
+    policy: InjectionPolicy = InjectionPolicy.BROADCAST
+    irqchip: bool = False
+    pit: bool = False
+    on_serial_line: Callable[[str], None] | None = None
+    domid: int = 1
+    host_mfn_base: int = 0x100000
+
+    def guest_cpu(self) -> CpuProfile:
+        if self.cpu is not None:
+            return self.cpu
+        return AMD_ZEN3 if self.profile.is_amd_like else INTEL_BROADWELL
+
+
+def filtered_msr_ranges(profile: HostProfile) -> list[MsrRange]:
+    """The MSRs whose guest accesses go to the vMCE instead of KVM."""
+    ranges = [MsrRange(first, count) for first, count in VMCE_ROUTED_RANGES]
+    if profile.is_amd_like:
+        ranges.append(MsrRange(AMD_THRESHOLD_MSRS[0], len(AMD_THRESHOLD_MSRS)))
+    return ranges
+
+
+class VmceVm:
+    """The VMM (:class:`Machine`) plus the vMCE model (:class:`Domain`) and the host path."""
+
+    def __init__(self, config: VmceVmConfig) -> None:
+        self.config = config
+        cpu = config.guest_cpu()
+        guest_vendor = ModelVendor.parse(cpu.vendor.value)
+        self.domain = Domain(
+            config.profile,
+            config.vcpus,
+            domid=config.domid,
+            guest_vendor=guest_vendor,
+            policy=config.policy,
+        )
+        self.host_memory = HostMemory()
+        npages = config.memory_size >> PAGE_SHIFT
+        self.host_memory.add_ram(config.host_mfn_base, npages)
+        self.host_memory.add_domain(GuestDomain(self.domain))
+        self.host_memory.assign(config.domid, 0, config.host_mfn_base, npages)
+        self.host_mca = HostMca(config.profile, self.host_memory)
+        self.deliveries: list[McDelivery] = []
+        self.shutdown_reason: str | None = None
+        self._lock = threading.Lock()
+        self._requested: dict[int, float] = {}
+        self.machine = Machine(
+            MachineConfig(
+                boot=config.boot,
+                vcpus=config.vcpus,
+                memory_size=config.memory_size,
+                irqchip=config.irqchip,
+                pit=config.pit,
+                profile=cpu,
+                msr_handler=self,
+                filtered_msrs=filtered_msr_ranges(config.profile),
+                on_serial_line=config.on_serial_line,
+            )
+        )
+        self.domain.on_pending.append(self._schedule_delivery)
+        self.domain.on_crash.append(self._on_crash)
+
+    # -- MsrHandler: called on vCPU threads ---------------------------------------------------
+
+    def rdmsr(self, vcpu_id: int, index: int) -> int | None:
+        try:
+            return self.domain.rdmsr(vcpu_id, index)
+        except KeyError:
+            return None  # filtered but not the vMCE's: behave like an unknown MSR
+
+    def wrmsr(self, vcpu_id: int, index: int, value: int) -> bool:
+        try:
+            return self.domain.wrmsr(vcpu_id, index, value)
+        except KeyError:
+            return False
+
+    # -- injection ----------------------------------------------------------------------------
+
+    def inject(self, record: BankRecord, mcg_status: int, target: int = BROADCAST) -> Delivery:
+        """Put ``record`` into the guest's vMCE and raise #MC, as Xen's fill and inject do."""
+        return self.domain.deliver(record, mcg_status, target)
+
+    def memory_error(
+        self,
+        gpa: int,
+        status: int,
+        *,
+        misc: int = 0x86,
+        mcg_status: int = 0x5,
+        bank: int = 9,
+        running_vcpu: int | None = None,
+    ) -> HostMceReport:
+        """A host machine check on the frame backing guest-physical ``gpa``, through Xen's
+        host path (offline, mark broken, translate, fill, inject)."""
+        mfn = self.host_memory.gfn_to_mfn(self.domain.domid, gpa >> PAGE_SHIFT)
+        haddr = (mfn << PAGE_SHIFT) | (gpa & ((1 << PAGE_SHIFT) - 1))
+        mce = PhysicalMce(
+            cpu=0,
+            mcg_status=mcg_status,
+            banks=(HostBank(bank, status, haddr, misc),),
+            running_domid=self.domain.domid if running_vcpu is not None else 0x7FFF,
+            running_vcpu=running_vcpu if running_vcpu is not None else 0xFFFF,
+        )
+        return self.host_mca.handle(mce)
+
+    def _schedule_delivery(self, vcpu_id: int) -> None:
+        """``on_pending``: kick the vCPU so it takes the #MC on its own thread."""
+        with self._lock:
+            self._requested[vcpu_id] = time.monotonic()
+        self.machine.submit(vcpu_id, lambda vcpu: self._deliver(vcpu, 0))
+
+    def _deliver(self, vcpu: Vcpu, attempt: int) -> None:
+        vid = vcpu.vcpu_id
+        if attempt == 0 and not self.domain.vcpus[vid].take_pending():
+            return
+        with self._lock:
+            requested = self._requested.get(vid, time.monotonic())
+        if not vcpu.get_sregs().cr4 & CR4_MCE:
+            self._record(vid, requested, False, "CR4.MCE is clear: the CPU shuts down")
+            self._shutdown(vid, f"vCPU {vid} took #MC with CR4.MCE clear (triple fault)")
+            return
+        result = self.machine.inject_exception_now(vcpu, MC_VECTOR)
+        if result.accepted:
+            self._record(vid, requested, True, result.detail)
+            return
+        if attempt < MAX_DELIVERY_RETRIES:  # another exception is in flight: retry shortly
+            timer = threading.Timer(
+                RETRY_DELAY,
+                lambda: self.machine.submit(vid, lambda v: self._deliver(v, attempt + 1)),
+            )
+            timer.daemon = True
+            timer.start()
+            return
+        self._record(vid, requested, False, result.detail)
+        self._shutdown(vid, f"vCPU {vid}: #MC could not be delivered ({result.detail})")
+
+    def _record(self, vid: int, requested: float, ok: bool, detail: str) -> None:
+        with self._lock:
+            self.deliveries.append(McDelivery(vid, requested, time.monotonic(), ok, detail))
+
+    def _on_crash(self, crash: Crash) -> None:
+        self._shutdown(0, f"domain crashed: {crash.reason}")
+
+    def _shutdown(self, vcpu_id: int, reason: str) -> None:
+        with self._lock:
+            if self.shutdown_reason is None:
+                self.shutdown_reason = reason
+        self.machine.request_shutdown(vcpu_id, reason)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.machine.start()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        return self.machine.wait(timeout)
+
+    def stop(self, reason: str = "stopped by the host") -> None:
+        self.machine.stop(reason)
+
+    def close(self) -> None:
+        self.machine.close()
+
+    def __enter__(self) -> VmceVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
