@@ -1,0 +1,1 @@
+"""Guest loaders and images: our test guest and (later) stock Debian Linux."""
