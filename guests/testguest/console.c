@@ -149,12 +149,43 @@ void console_panic_takeover(void)
 			atomic_read(&console_owner) != me; i++)
 		cpu_relax();
 	console_break_locks();
+	console_defer(0);
+}
+
+/*
+ * Deferred lines: while a CPU is in the #MC rendezvous it must not wait for the console lock
+ * (the holder may be another CPU that is waiting for it in the rendezvous), so its lines are
+ * kept and printed after the rendezvous, as Linux logs to a buffer in #MC context.
+ */
+#define DEFER_LINES 8
+static struct buf deferred[MAX_CPUS][DEFER_LINES];
+static u32 ndeferred[MAX_CPUS];
+static u32 deferring[MAX_CPUS];
+
+static void emit(const struct buf *b)
+{
+	lock();
+	for (u32 i = 0; i < b->len; i++)
+		outb(COM1, (u8)b->data[i]);
+	unlock();
+}
+
+void console_defer(int on)
+{
+	u32 me = this_cpu();
+	deferring[me] = (u32)on;
+	if (on)
+		return;
+	for (u32 i = 0; i < ndeferred[me]; i++)
+		emit(&deferred[me][i]);
+	ndeferred[me] = 0;
 }
 
 void printk(const char *fmt, ...)
 {
+	u32 me = this_cpu();
 	u32 owner = atomic_read(&panic_cpu);
-	if (owner != 0xffffffffu && owner != this_cpu()) {
+	if (owner != 0xffffffffu && owner != me) {
 		for (;;)
 			hlt();
 	}
@@ -164,8 +195,10 @@ void printk(const char *fmt, ...)
 	va_start(ap, fmt);
 	format(&b, fmt, ap);
 	va_end(ap);
-	lock();
-	for (u32 i = 0; i < b.len; i++)
-		outb(COM1, (u8)b.data[i]);
-	unlock();
+	if (deferring[me]) {
+		if (ndeferred[me] < DEFER_LINES)
+			deferred[me][ndeferred[me]++] = b;
+		return;
+	}
+	emit(&b);
 }

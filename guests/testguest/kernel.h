@@ -67,6 +67,7 @@ static inline void atomic_set(volatile u32 *p, u32 v) { __atomic_store_n(p, v, _
 void printk(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void console_break_locks(void);
 void console_panic_takeover(void);
+void console_defer(int on);
 
 /* main.c */
 void panic(const char *msg) __attribute__((noreturn));

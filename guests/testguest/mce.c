@@ -490,6 +490,7 @@ void do_machine_check(struct frame *f)
 		printk("CPU#%u: Unexpected int18 (Machine Check)\n", cpu);
 		return;
 	}
+	console_defer(1);
 	u64 mcgst = mce_rdmsr(MSR_MCG_STATUS);
 	enum ctx ctx = error_context(f, mcgst);
 	printk("@vmce mce-enter cpu=%u mcg_status=%#lx cs=%#lx rip=%#lx ctx=%s cr4_mce=%u\n", cpu,
@@ -579,6 +580,7 @@ void do_machine_check(struct frame *f)
 		mce_panic("Local fatal machine check!", &rec, worst_msg);
 	}
 
+	console_defer(0);
 	if (logged && atomic_inc(&taint_printed) == 1)
 		printk("Disabling lock debugging due to kernel taint\n");
 

@@ -151,6 +151,11 @@ class VmceVm:
     ) -> HostMceReport:
         """A host machine check on the frame backing guest-physical ``gpa``, through Xen's
         host path (offline, mark broken, translate, fill, inject)."""
+        if not 0 <= gpa < self.config.memory_size:
+            raise ValueError(
+                f"guest-physical address {gpa:#x} is outside the guest's "
+                f"{self.config.memory_size >> 20} MiB"
+            )
         mfn = self.host_memory.gfn_to_mfn(self.domain.domid, gpa >> PAGE_SHIFT)
         haddr = (mfn << PAGE_SHIFT) | (gpa & ((1 << PAGE_SHIFT) - 1))
         mce = PhysicalMce(
