@@ -125,6 +125,6 @@ def test_mce_inject_check_bad_file(tmp_path: Path) -> None:
 
 
 def test_demo_model_runs() -> None:
-    r = vmce("demo", "--vcpus", "2")
+    r = vmce("demo", "--vcpus", "2", "--model")
     assert r.returncode == 0, r.stderr
     assert "policy broadcast" in r.stdout and "policy vcpu0" in r.stdout

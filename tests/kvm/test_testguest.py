@@ -302,3 +302,79 @@ def test_1000_injections_no_leak_no_hang(guests: list[TestGuest]) -> None:
     assert _fds() == fds
     assert threading.active_count() == threads
     assert _rss_mib() - rss < 32, "resident memory grew by more than 32 MiB over 1000 #MCs"
+
+
+def test_vmce_demo_end_to_end() -> None:
+    """The README's first command, as a user runs it."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "vmce.cli.main", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "All three guests behaved as the seed's design says" in " ".join(r.stdout.split())
+    j = subprocess.run(
+        [sys.executable, "-m", "vmce.cli.main", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    data = __import__("json").loads(j.stdout)
+    assert data["as_designed"] is True
+    broadcast, vcpu0, no_mce = data["guests"]
+    assert broadcast["verdict"] == "recovered"
+    assert broadcast["reason"] == (
+        "Memory failure: 0x3000: recovery action for free buddy page: Recovered"
+    )
+    assert vcpu0["verdict"] == "panic"
+    assert vcpu0["reason"] == "Timeout: Not all CPUs entered broadcast exception handler"
+    assert no_mce["verdict"] == "shutdown" and "CR4.MCE clear" in no_mce["reason"]
+
+
+def test_vmce_run_cli() -> None:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmce.cli.main",
+            "run",
+            "--vcpus",
+            "2",
+            "--inject",
+            "srao",
+            "--via-host",
+            "--addr",
+            "0x2345678",
+            "--timeout",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["verdict"] == "recovered"
+    mces = [e for e in data["events"] if e["kind"] == "mce"]
+    assert mces[0]["addr"] == 0x2345640  # the guest's own address, masked to MISC's LSB
+    assert len(data["deliveries"]) == 2 and all(d["accepted"] for d in data["deliveries"])
+    bad = subprocess.run(
+        [sys.executable, "-m", "vmce.cli.main", "run", "--inject", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown error 'nope'" in bad.stderr

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from vmce.cli import decode, demo, hvmctx, mceinject
+from vmce.cli import decode, demo, hvmctx, mceinject, run
 from vmce.cli.output import CliError, err_console
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.command()(decode.decode)
 app.command()(demo.demo)
+app.command()(run.run)
 app.add_typer(hvmctx.app, name="hvmctx")
 app.add_typer(mceinject.app, name="mce-inject")
 

@@ -1,0 +1,151 @@
+"""``vmce run``: boot the test guest on KVM with the vMCE, optionally inject, watch it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from vmce.cli.output import console, emit_json, fail, parse_u64
+from vmce.guest.testguest import Flags, GuestConfig, TestGuest, Work
+from vmce.guest.verdict import Verdict, decide
+from vmce.host.catalog import CATALOG, lookup
+from vmce.vmce import HostProfile, InjectionPolicy, Vendor
+
+WORK_NAMES = ", ".join(w.name.lower() for w in Work)
+
+
+def profile_for(vendor: str) -> HostProfile:
+    """The host profile a user names: ``intel`` or ``amd``."""
+    v = Vendor.parse(vendor)
+    if v is Vendor.INTEL:
+        return HostProfile.intel()
+    if v in (Vendor.AMD, Vendor.HYGON):
+        return HostProfile.amd()
+    fail(f"vendor {vendor!r}: only intel and amd profiles can run a guest")
+
+
+def parse_work(text: str, ncpus: int) -> list[Work]:
+    """``user,kernel`` -> one Work per CPU, the last one repeated."""
+    try:
+        items = [Work[w.strip().upper()] for w in text.split(",") if w.strip()]
+    except KeyError as e:
+        fail(f"--work: unknown work {e.args[0].lower()!r} (expected: {WORK_NAMES})")
+    if not items:
+        fail("--work needs at least one item")
+    return (items + [items[-1]] * ncpus)[:ncpus]
+
+
+def run(
+    vcpus: Annotated[int, typer.Option(help="vCPUs", min=1, max=32)] = 2,
+    memory: Annotated[int, typer.Option(help="guest memory in MiB", min=16, max=4096)] = 64,
+    vendor: Annotated[str, typer.Option(help="host/guest profile: intel or amd")] = "intel",
+    policy: Annotated[str, typer.Option(help="injection policy: broadcast or vcpu0")] = "broadcast",
+    work: Annotated[str, typer.Option(help=f"per-CPU work, comma-separated: {WORK_NAMES}")] = (
+        "kernel,user"
+    ),
+    no_cr4_mce: Annotated[bool, typer.Option(help="the guest never sets CR4.MCE")] = False,
+    monarch_timeout_us: Annotated[
+        int | None, typer.Option(help="the guest's rendezvous timeout (like Linux's mce=N)")
+    ] = None,
+    inject: Annotated[
+        str | None, typer.Option(help=f"inject a named error: {', '.join(CATALOG)}")
+    ] = None,
+    addr: Annotated[str, typer.Option(help="guest-physical address of the error")] = "0x3000000",
+    via_host: Annotated[
+        bool, typer.Option(help="inject as a host memory error through the host path")
+    ] = False,
+    inject_after: Annotated[float, typer.Option(help="seconds after boot to inject")] = 0.2,
+    timeout: Annotated[float, typer.Option(help="seconds to run after boot")] = 3.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary at the end")] = (
+        False
+    ),
+) -> None:
+    """Boot the vmce test guest on KVM with the vMCE and print its console."""
+    try:
+        pol = InjectionPolicy(policy)
+    except ValueError:
+        fail(f"--policy {policy!r}: expected broadcast or vcpu0")
+    error = None
+    if inject is not None:
+        try:
+            error = lookup(inject)
+        except KeyError as e:
+            fail(str(e.args[0]))
+    gpa = parse_u64(addr, "--addr")
+    if gpa >= memory << 20:
+        fail(f"--addr {gpa:#x} is outside the guest's {memory} MiB")
+    cfg = GuestConfig(
+        ncpus=vcpus,
+        work=parse_work(work, vcpus),
+        flags=Flags.NO_CR4_MCE if no_cr4_mce else Flags.NONE,
+        monarch_timeout_us=monarch_timeout_us,
+    )
+    t0 = time.monotonic()
+
+    def show(line: str) -> None:
+        if not as_json:
+            console.print(
+                f"[dim]{time.monotonic() - t0:8.3f}[/] {line}",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    with TestGuest(
+        cfg, profile=profile_for(vendor), policy=pol, memory_size=memory << 20, on_line=show
+    ) as g:
+        g.boot()
+        if error is not None:
+            time.sleep(inject_after)
+            if via_host:
+                report = g.vm.memory_error(
+                    gpa, error.status, misc=error.misc, mcg_status=error.mcg_status
+                )
+                note = report.describe().replace("\n", "; ")
+            else:
+                note = g.vm.inject(error.record(gpa), error.mcg_status).describe()
+            show(f"# vmce: injected {error.name} at {gpa:#x}: {note}")
+        stop = g.vm.wait(timeout)
+        if stop is None:
+            g.vm.stop(f"vmce run: {timeout} s passed")
+        verdict = decide(
+            g.lines,
+            g.events,
+            g.vm.machine.stop_reason if stop else None,
+            injected=error is not None,
+        )
+        _report(verdict, g, as_json, stop is not None)
+
+
+def _report(verdict: Verdict, g: TestGuest, as_json: bool, stopped: bool) -> None:
+    stop = g.vm.machine.stop_reason
+    data: dict[str, Any] = {
+        "verdict": verdict.outcome.value,
+        "reason": verdict.reason,
+        "details": verdict.details,
+        "stopped": stopped,
+        "stop_reason": stop.message if stop and stopped else None,
+        "deliveries": [
+            {
+                "vcpu": d.vcpu_id,
+                "accepted": d.accepted,
+                "latency_us": round((d.delivered - d.requested) * 1e6),
+                "detail": d.detail,
+            }
+            for d in g.vm.deliveries
+        ],
+        "events": [{"kind": e.kind, **e.fields} for e in g.events],
+    }
+    if as_json:
+        emit_json(data)
+        return
+    if stopped and stop is not None:
+        console.print(f"[bold]VM stopped:[/] {stop.message}", soft_wrap=True)
+    colour = {"recovered": "green", "running": "green", "exited": "green"}.get(
+        verdict.outcome.value, "red"
+    )
+    console.print(f"[bold {colour}]verdict: {verdict}[/]", soft_wrap=True)
+    sys.stdout.flush()
