@@ -15,15 +15,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from vmce.host.memerr import HostBank, HostMca, HostMceReport, PhysicalMce
 from vmce.host.memory import PAGE_SHIFT, GuestDomain, HostMemory
 from vmce.kvm.boot import BspBoot, DirectBoot
 from vmce.kvm.machine import Machine, MachineConfig
+from vmce.kvm.runner import RunnerState
 from vmce.kvm.stop import StopReason
 from vmce.kvm.vcpu import Vcpu
 from vmce.kvm.vm import MsrRange
@@ -36,6 +38,8 @@ from vmce.vmce import Vendor as ModelVendor
 #: How often a #MC is retried while another exception occupies the vCPU's event slot.
 MAX_DELIVERY_RETRIES = 200
 RETRY_DELAY = 0.0005
+#: How long a broadcast waits for each vCPU to stop at a safe point before giving up on it.
+BARRIER_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,17 @@ class McDelivery:
     delivered: float
     accepted: bool
     detail: str
+
+
+@dataclass(frozen=True)
+class MsrAccess:
+    """One guest access to a vMCE MSR, for tracing: ``value`` is None where it was #GP."""
+
+    vcpu_id: int
+    msr: int
+    write: bool
+    value: int | None
+    time: float
 
 
 @dataclass
@@ -101,8 +116,12 @@ class VmceVm:
         self.host_mca = HostMca(config.profile, self.host_memory)
         self.deliveries: list[McDelivery] = []
         self.shutdown_reason: str | None = None
+        #: Called on the vCPU's thread for every guest access to a vMCE MSR, when set.
+        self.msr_trace: Callable[[MsrAccess], None] | None = None
         self._lock = threading.Lock()
         self._requested: dict[int, float] = {}
+        self._batch: list[int] | None = None
+        self._user_paused = False
         self.machine = Machine(
             MachineConfig(
                 boot=config.boot,
@@ -123,21 +142,28 @@ class VmceVm:
 
     def rdmsr(self, vcpu_id: int, index: int) -> int | None:
         try:
-            return self.domain.rdmsr(vcpu_id, index)
+            value = self.domain.rdmsr(vcpu_id, index)
         except KeyError:
-            return None  # filtered but not the vMCE's: behave like an unknown MSR
+            value = None  # filtered but not the vMCE's: behave like an unknown MSR
+        if self.msr_trace is not None:
+            self.msr_trace(MsrAccess(vcpu_id, index, False, value, time.monotonic()))
+        return value
 
     def wrmsr(self, vcpu_id: int, index: int, value: int) -> bool:
         try:
-            return self.domain.wrmsr(vcpu_id, index, value)
+            ok = self.domain.wrmsr(vcpu_id, index, value)
         except KeyError:
-            return False
+            ok = False
+        if self.msr_trace is not None:
+            self.msr_trace(MsrAccess(vcpu_id, index, True, value if ok else None, time.monotonic()))
+        return ok
 
     # -- injection ----------------------------------------------------------------------------
 
     def inject(self, record: BankRecord, mcg_status: int, target: int = BROADCAST) -> Delivery:
         """Put ``record`` into the guest's vMCE and raise #MC, as Xen's fill and inject do."""
-        return self.domain.deliver(record, mcg_status, target)
+        with self.batch():
+            return self.domain.deliver(record, mcg_status, target)
 
     def memory_error(
         self,
@@ -165,13 +191,58 @@ class VmceVm:
             running_domid=self.domain.domid if running_vcpu is not None else 0x7FFF,
             running_vcpu=running_vcpu if running_vcpu is not None else 0xFFFF,
         )
-        return self.host_mca.handle(mce)
+        with self.batch():
+            return self.host_mca.handle(mce)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Collect the #MCs the model marks pending inside the block and deliver them together.
+
+        A broadcast then reaches every vCPU at once, as on hardware: all target vCPUs are
+        stopped at a safe point, each sets its #MC on its own thread, and all resume together,
+        so no vCPU spins in the guest's rendezvous while another has not been given its #MC.
+        """
+        with self._lock:
+            outer = self._batch is None
+            if outer:
+                self._batch = []
+        try:
+            yield
+        finally:
+            if outer:
+                with self._lock:
+                    vids, self._batch = self._batch or [], None
+                if vids:
+                    self._deliver_together(vids)
 
     def _schedule_delivery(self, vcpu_id: int) -> None:
         """``on_pending``: kick the vCPU so it takes the #MC on its own thread."""
         with self._lock:
             self._requested[vcpu_id] = time.monotonic()
+            if self._batch is not None:
+                self._batch.append(vcpu_id)
+                return
         self.machine.submit(vcpu_id, lambda vcpu: self._deliver(vcpu, 0))
+
+    def _deliver_together(self, vids: list[int]) -> None:
+        runners = [self.machine.runners[v] for v in vids]
+        barrier = (
+            len(vids) > 1
+            and not self._user_paused
+            and all(r.state in (RunnerState.RUNNING, RunnerState.HALTED) for r in runners)
+            and not any(r.on_vcpu_thread for r in runners)
+        )
+        if barrier:
+            for r in runners:
+                r.pause()
+            barrier = all(r.wait_parked(BARRIER_TIMEOUT) for r in runners)
+        futures = [self.machine.submit(v, lambda vcpu: self._deliver(vcpu, 0)) for v in vids]
+        if barrier:
+            for f in futures:
+                with contextlib.suppress(Exception):
+                    f.result(BARRIER_TIMEOUT)
+            for r in runners:
+                r.resume()
 
     def _deliver(self, vcpu: Vcpu, attempt: int) -> None:
         vid = vcpu.vcpu_id
@@ -218,6 +289,17 @@ class VmceVm:
 
     def wait(self, timeout: float | None = None) -> StopReason | None:
         return self.machine.wait(timeout)
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Stop every vCPU at a safe point (a vMCE injected meanwhile is taken on resume)."""
+        with self._lock:
+            self._user_paused = True
+        return self.machine.pause(timeout)
+
+    def resume(self) -> None:
+        with self._lock:
+            self._user_paused = False
+        self.machine.resume()
 
     def stop(self, reason: str = "stopped by the host") -> None:
         self.machine.stop(reason)
