@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from vmce.cli import decode, demo, hvmctx, mceinject, run
+from vmce.cli import decode, demo, guest, hvmctx, mceinject, run
 from vmce.cli.output import CliError, err_console
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command()(demo.demo)
 app.command()(run.run)
 app.add_typer(hvmctx.app, name="hvmctx")
 app.add_typer(mceinject.app, name="mce-inject")
+app.add_typer(guest.app, name="guest")
 
 
 def main() -> None:

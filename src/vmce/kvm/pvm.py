@@ -90,3 +90,22 @@ class PvmFixups:
             vcpu.set_events(events)
         self.counts[kind] += 1
         return kind
+
+
+#: Kernel command-line words a stock Linux guest needs on kvm_pvm (feasibility.md 4.1): the
+#: emulator has no CMPXCHG16B, XRSTOR or vector instructions, and kvm_pvm ignores CPUID
+#: feature words, so the guest is told to leave those features alone; ``rodata=off`` keeps
+#: KVM's hypercall patching from faulting on read-only text.
+LINUX_CMDLINE_FIXUPS: tuple[str, ...] = (
+    "rodata=off",
+    "noxsave",
+    "nofsgsbase",
+    "clearcpuid=cx16,erms,fsrm,popcnt,pcid,invpcid,smap,rdrand,rdseed,avx,avx2,avx512f,bmi1,"
+    "bmi2,movbe,sha_ni,aes,pclmulqdq,sse4_1,sse4_2,ssse3",
+)
+
+
+def linux_cmdline_fixups(enabled: bool | None = None) -> list[str]:
+    """The command-line words above where the host is kvm_pvm (or ``enabled``), else none."""
+    on = host_is_pvm() if enabled is None else enabled
+    return list(LINUX_CMDLINE_FIXUPS) if on else []

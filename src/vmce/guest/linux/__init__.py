@@ -1,0 +1,1 @@
+"""Stock Debian Linux as a vmce guest: material, boot protocol, snapshots, verdicts."""
