@@ -128,7 +128,7 @@ def test_restore_message_is_xens() -> None:
     with pytest.raises(RestoreError) as e:
         d.restore({0: VmceSave(0x1000C02)})
     assert str(e.value) == (
-        "HVM restore: unsupported MCA capabilities 0x1000c02 for d5v0 (supported: 0x0)"
+        "HVM restore: unsupported MCA capabilities 0x1000c02 for d5v0 (supported: 0)"
     )
     d2 = Domain(INTEL, 1, domid=5)
     with pytest.raises(RestoreError, match=r"\(supported: 0x9000c00\)"):

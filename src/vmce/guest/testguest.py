@@ -22,6 +22,7 @@ from pathlib import Path
 from vmce.guest.elf import ElfImage
 from vmce.guest.events import GuestEvent, parse_event
 from vmce.kvm.boot import DirectBoot
+from vmce.kvm.persist import SaveReport, Snapshot, restore_vm, save_vm
 from vmce.kvm.vmcevm import VmceVm, VmceVmConfig
 from vmce.kvm.x86.cpuid import CpuProfile
 from vmce.save.layout import Layout, raw, u32, u64
@@ -123,6 +124,25 @@ class GuestConfig:
             probes=probes.ljust(MAX_PROBES * Probe.size(), b"\0"),
         )
 
+    @classmethod
+    def from_bootinfo(cls, bi: BootInfo) -> GuestConfig:
+        """The configuration a boot-info block was written from (e.g. read back from a
+        restored guest's memory)."""
+        if bi.magic != BOOTINFO_MAGIC or bi.version != BOOTINFO_VERSION:
+            raise ValueError(f"no test guest boot info (magic {bi.magic:#x}, version {bi.version})")
+        if not 1 <= bi.ncpus <= MAX_CPUS or bi.nprobes > MAX_PROBES:
+            raise ValueError(f"boot info with {bi.ncpus} CPUs and {bi.nprobes} probes")
+        probes = [Probe.unpack_from(bi.probes, i * Probe.size()) for i in range(bi.nprobes)]
+        timeout = None if bi.monarch_timeout_us == MONARCH_DEFAULT else bi.monarch_timeout_us
+        return cls(
+            ncpus=bi.ncpus,
+            mode=Mode(bi.mode),
+            work=[Work(w) for w in bi.work[: bi.ncpus]],
+            flags=Flags(bi.flags),
+            monarch_timeout_us=timeout,
+            probes=probes,
+        )
+
 
 class BuildError(RuntimeError):
     """The test guest could not be built; the message carries the compiler's words."""
@@ -185,6 +205,18 @@ def image() -> ElfImage:
     return ElfImage.load(build())
 
 
+def identify(vm: VmceVm) -> tuple[ElfImage, GuestConfig]:
+    """The test guest build and configuration a (restored) VM runs; :class:`ValueError` if
+    its memory does not hold this build of the test guest."""
+    elf = image()
+    mem = vm.machine.memory
+    first = elf.segments[0]
+    if mem.read(first.paddr, 64) != first.data[:64]:
+        raise ValueError("the VM does not run this build of the test guest")
+    bi = BootInfo.unpack_from(mem.read(BOOTINFO_GPA, BootInfo.size()))
+    return elf, GuestConfig.from_bootinfo(bi)
+
+
 #: Where the host writes the boot-info block, and the VMM's initial per-vCPU stacks.
 BOOTINFO_GPA = 0x10000
 BOOT_STACKS_GPA = 0x20000
@@ -215,11 +247,7 @@ class TestGuest:
         on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
-        self.lines: list[str] = []
-        self.events: list[GuestEvent] = []
-        self._cond = threading.Condition()
-        self._on_line = on_line
-        self.started_at = 0.0
+        self._init_console(on_line)
         self.elf = image()
         stacks = [BOOT_STACKS_GPA + (i + 1) * BOOT_STACK_SIZE for i in range(config.ncpus)]
         self.vm = VmceVm(
@@ -238,6 +266,47 @@ class TestGuest:
         except BaseException:
             self.vm.close()
             raise
+
+    def _init_console(self, on_line: Callable[[str], None] | None) -> None:
+        self.lines: list[str] = []
+        self.events: list[GuestEvent] = []
+        self._cond = threading.Condition()
+        self._on_line = on_line
+        self.started_at = 0.0
+
+    @classmethod
+    def restore(
+        cls,
+        source: str | os.PathLike[str] | Snapshot,
+        *,
+        profile: HostProfile | None = None,
+        cow: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> TestGuest:
+        """The test guest continued from a stream (:meth:`save`) or a :class:`Snapshot`
+        (RAM copy-on-write from its file); ``cow`` maps a stream file the same way.
+
+        Not started: :meth:`start` resumes the guest where it was saved. Console lines from
+        before the save are not replayed; new ones arrive as usual.
+        """
+        g = cls.__new__(cls)
+        g._init_console(on_line)
+        if isinstance(source, Snapshot):
+            g.vm = source.restore(on_serial_line=g._line)
+        else:
+            g.vm = restore_vm(source, profile=profile, cow=cow, on_serial_line=g._line)
+        try:
+            g.elf, g.config = identify(g.vm)
+        except BaseException:
+            g.vm.close()
+            raise
+        return g
+
+    def save(
+        self, path: str | os.PathLike[str], *, resume: bool = True, vmce_size: int = 32
+    ) -> SaveReport:
+        """Save the running guest (see :func:`vmce.kvm.persist.save_vm`)."""
+        return save_vm(self.vm, path, resume=resume, vmce_size=vmce_size)
 
     def _load(self, memory_size: int) -> None:
         mem = self.vm.machine.memory

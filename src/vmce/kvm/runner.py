@@ -134,6 +134,11 @@ class VcpuRunner:
         """Leave the halted state (for requests that made the vCPU runnable again)."""
         self._halted = False
 
+    def set_halted(self) -> None:
+        """Enter the halted state as a HLT exit would: no KVM_RUN until a request wakes the
+        vCPU (for a restored vCPU that was saved halted; see :mod:`vmce.kvm.persist`)."""
+        self._halted = True
+
     @property
     def halted(self) -> bool:
         """True after a HLT exit until :meth:`wake` (only without an in-kernel irqchip)."""

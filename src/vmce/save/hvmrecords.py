@@ -54,10 +54,17 @@ Why there, and not elsewhere (each alternative checked against Xen's sources):
   So Xen restores such a stream and drops the in-flight vMCE exactly as it drops its own, while
   vmce's restorer restores it: the "optional" semantics we want.
 
-The trailer is written only when some vCPU has something in flight, so a quiet guest's blob is
-byte-for-byte what Xen itself would produce. The trailer reuses the blob's descriptor format;
-its typecodes have bit 15 set (:class:`VendorTypeCode`), echoing the stream's optional bit 31
-and far from Xen's range, and it starts with a magic/version header so it can evolve.
+The trailer is written only when there is something to put in it, so a quiet guest's blob
+from the model alone is byte-for-byte what Xen itself would produce. The trailer reuses the
+blob's descriptor format; its typecodes have bit 15 set (:class:`VendorTypeCode`), echoing the
+stream's optional bit 31 and far from Xen's range, and it starts with a magic/version header
+so it can evolve.
+
+The same trailer carries the state of vmce's KVM VMM that no Xen record holds (typecodes
+0x81xx: machine configuration, KVM-only vCPU and platform fields, the UART). This module
+frames those entries and checks their typecodes; :mod:`vmce.kvm.persist.vendor` defines their
+payloads. Readers that know only the in-flight vMCE (:func:`decode_context`) validate and
+skip them.
 """
 
 from __future__ import annotations
@@ -687,10 +694,27 @@ def validate_context(ctx: HvmContext) -> None:
 
 
 class VendorTypeCode(IntEnum):
-    """Typecodes of the vmce vendor trailer (after the blob's END; never seen by Xen)."""
+    """Typecodes of the vmce vendor trailer (after the blob's END; never seen by Xen).
+
+    0x80xx belong to the vMCE model, 0x81xx to the KVM VMM (payloads in
+    :mod:`vmce.kvm.persist.vendor`).
+    """
 
     VENDOR_HEADER = 0x8000
     VMCE_INFLIGHT = 0x8001
+    VM_CONFIG = 0x8100
+    KVM_VCPU = 0x8101
+    KVM_MSRS = 0x8102
+    KVM_PLATFORM = 0x8103
+    UART = 0x8104
+
+
+#: Trailer entries framed here but decoded elsewhere (:mod:`vmce.kvm.persist.vendor`).
+OPAQUE_VENDOR_TYPES = frozenset(
+    t
+    for t in VendorTypeCode
+    if t not in (VendorTypeCode.VENDOR_HEADER, VendorTypeCode.VMCE_INFLIGHT)
+)
 
 
 #: b"VMCE" read as a little-endian u32.
@@ -757,9 +781,10 @@ def inflight_from_snapshots(snaps: Iterable[VCpuSnapshot]) -> dict[int, VmceInfl
     return {k: v for k, v in out.items() if not v.idle}
 
 
-def encode_trailer(inflight: Mapping[int, VmceInflight]) -> bytes:
-    """The vendor trailer for these vCPUs; empty when there are none."""
-    if not inflight:
+def encode_trailer(inflight: Mapping[int, VmceInflight], extra: Sequence[Record] = ()) -> bytes:
+    """The vendor trailer: these vCPUs' in-flight vMCE, then the ``extra`` entries (typecodes
+    of :data:`OPAQUE_VENDOR_TYPES`); empty when there is nothing to carry."""
+    if not inflight and not extra:
         return b""
     hdr = VendorHeader()
     out = [Descriptor(VendorTypeCode.VENDOR_HEADER, 0, hdr.size()).pack(), hdr.pack()]
@@ -769,6 +794,16 @@ def encode_trailer(inflight: Mapping[int, VmceInflight]) -> bytes:
         inflight[vcpu].check()
         out += [Descriptor(VmceInflight.TYPECODE, vcpu, VmceInflight.size()).pack()]
         out += [inflight[vcpu].pack()]
+    seen: set[tuple[int, int]] = set()
+    for r in extra:
+        if r.typecode not in OPAQUE_VENDOR_TYPES:
+            raise ValueError(f"typecode {r.typecode:#x} is not an extra vendor entry")
+        if not 0 <= r.instance <= 0xFFFF:
+            raise ValueError(f"instance {r.instance} does not fit a descriptor")
+        if (r.typecode, r.instance) in seen:
+            raise ValueError(f"two vendor entries {r.typecode:#x} instance {r.instance}")
+        seen.add((r.typecode, r.instance))
+        out += [Descriptor(r.typecode, r.instance, len(r.payload)).pack(), r.payload]
     out.append(Descriptor(TypeCode.END, 0, 0).pack())
     return b"".join(out)
 
@@ -791,9 +826,21 @@ def split_blob(blob: bytes) -> tuple[bytes, bytes]:
 
 
 def decode_trailer(trailer: bytes, base: int = 0) -> dict[int, VmceInflight]:
-    """Parse a vendor trailer strictly; ``base`` is its offset in the blob, for messages."""
+    """Parse a vendor trailer strictly; ``base`` is its offset in the blob, for messages.
+
+    Returns the in-flight vMCE; the other entries are checked and dropped (see
+    :func:`decode_trailer_full`).
+    """
+    return decode_trailer_full(trailer, base)[0]
+
+
+def decode_trailer_full(
+    trailer: bytes, base: int = 0
+) -> tuple[dict[int, VmceInflight], list[Record]]:
+    """Parse a vendor trailer strictly: the in-flight vMCE by vCPU, and the other entries
+    (typecodes of :data:`OPAQUE_VENDOR_TYPES`) as raw records with their blob offsets."""
     if not trailer:
-        return {}
+        return {}, []
     entries = _trailer_entries(trailer, base)
     if (
         not entries
@@ -811,19 +858,27 @@ def decode_trailer(trailer: bytes, base: int = 0) -> dict[int, VmceInflight]:
     if len(entries) == 1:
         raise HvmContextError(f"offset {base:#x}: vendor trailer has no entries")
     out: dict[int, VmceInflight] = {}
+    others: list[Record] = []
+    seen: set[tuple[int, int]] = set()
     for e in entries[1:]:
         where = f"offset {e.offset:#x}: vendor entry typecode {e.typecode:#x} instance {e.instance}"
-        if e.typecode != VendorTypeCode.VMCE_INFLIGHT or len(e.payload) != VmceInflight.size():
-            raise HvmContextError(f"{where}: not a {VmceInflight.size()}-byte VMCE_INFLIGHT")
-        if e.instance in out:
+        if (e.typecode, e.instance) in seen:
             raise HvmContextError(f"{where}: duplicate entry")
+        seen.add((e.typecode, e.instance))
+        if e.typecode in OPAQUE_VENDOR_TYPES:
+            others.append(e)
+            continue
+        if e.typecode != VendorTypeCode.VMCE_INFLIGHT:
+            raise HvmContextError(f"{where}: unknown vendor typecode")
+        if len(e.payload) != VmceInflight.size():
+            raise HvmContextError(f"{where}: not a {VmceInflight.size()}-byte VMCE_INFLIGHT")
         value = VmceInflight.unpack_from(e.payload)
         try:
             value.check()
         except ValueError as err:
             raise HvmContextError(f"{where}: {err}") from err
         out[e.instance] = value
-    return out
+    return out, others
 
 
 def _trailer_entries(trailer: bytes, base: int) -> list[Record]:
@@ -849,9 +904,14 @@ def _trailer_entries(trailer: bytes, base: int) -> list[Record]:
     return entries
 
 
-def encode_context(ctx: HvmContext, inflight: Mapping[int, VmceInflight] | None = None) -> bytes:
-    """The HVM_CONTEXT record body: Xen's blob, plus the vendor trailer if anything is in flight."""
-    return ctx.encode() + encode_trailer(inflight or {})
+def encode_context(
+    ctx: HvmContext,
+    inflight: Mapping[int, VmceInflight] | None = None,
+    extra: Sequence[Record] = (),
+) -> bytes:
+    """The HVM_CONTEXT record body: Xen's blob, plus the vendor trailer if anything is in flight
+    or ``extra`` vendor entries are given."""
+    return ctx.encode() + encode_trailer(inflight or {}, extra)
 
 
 def decode_context(blob: bytes) -> tuple[HvmContext, dict[int, VmceInflight]]:
@@ -860,3 +920,14 @@ def decode_context(blob: bytes) -> tuple[HvmContext, dict[int, VmceInflight]]:
     ctx = HvmContext.decode(xen)
     validate_context(ctx)
     return ctx, decode_trailer(trailer, len(xen))
+
+
+def decode_context_full(
+    blob: bytes,
+) -> tuple[HvmContext, dict[int, VmceInflight], list[Record]]:
+    """Parse an HVM_CONTEXT body: Xen's blob, the in-flight vMCE and the other vendor entries."""
+    xen, trailer = split_blob(blob)
+    ctx = HvmContext.decode(xen)
+    validate_context(ctx)
+    inflight, others = decode_trailer_full(trailer, len(xen))
+    return ctx, inflight, others

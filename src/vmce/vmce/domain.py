@@ -320,8 +320,8 @@ class Domain:
             raise RestoreError(f"{kind} restore: dom{self.domid} has no vcpu{vcpu_id}")
         if not self.profile.caps_restorable(saved.caps):
             raise RestoreError(
-                f"{kind} restore: unsupported MCA capabilities {saved.caps:#x} for "
-                f"d{self.domid}v{vcpu_id} (supported: {self.profile.supported_caps_text:#x})"
+                f"{kind} restore: unsupported MCA capabilities {_xen_hex(saved.caps)} for "
+                f"d{self.domid}v{vcpu_id} (supported: {_xen_hex(self.profile.supported_caps_text)})"
             )
 
     def restore(self, saved: dict[int, VmceSave], kind: str = "HVM") -> None:
@@ -339,6 +339,11 @@ class Domain:
                 v.banks[0].ctl2 = s.mci_ctl2_bank0
                 v.banks[1].ctl2 = s.mci_ctl2_bank1
                 v.mcg_ext_ctl = s.mcg_ext_ctl
+
+
+def _xen_hex(value: int) -> str:
+    """Xen's ``%#x``: ``0x``-prefixed, except zero, which prints ``0`` (xen/common/vsprintf.c)."""
+    return f"{value:#x}" if value else "0"
 
 
 def _errname(rc: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 COM1_BASE = 0x3F8
@@ -59,6 +60,26 @@ class Lsr(IntFlag):
     DR = 0x01
     THRE = 0x20
     TEMT = 0x40
+
+
+@dataclass(frozen=True)
+class SerialState:
+    """Everything a saved VM needs to continue the UART where it was (:mod:`vmce.kvm.persist`).
+
+    ``rx`` holds received bytes the guest has not read yet; ``pending`` the bytes written
+    since the last newline, so that a line cut by a save is completed after the restore.
+    """
+
+    ier: int = 0
+    lcr: int = 0
+    mcr: int = 0
+    scr: int = 0
+    dll: int = 0x0C
+    dlm: int = 0
+    fifo: bool = False
+    thri_pending: bool = False
+    rx: bytes = b""
+    pending: bytes = b""
 
 
 class Serial16550:
@@ -187,3 +208,28 @@ class Serial16550:
             text = self._pending.decode("utf-8", "replace")
             self._pending.clear()
             return text
+
+    def save_state(self) -> SerialState:
+        """The register and buffer state (not the line history), for saving the VM."""
+        with self._lock:
+            return SerialState(
+                self.ier,
+                self.lcr,
+                self.mcr,
+                self.scr,
+                self.dll,
+                self.dlm,
+                self.fifo,
+                self._thri_pending,
+                bytes(self._rx),
+                bytes(self._pending),
+            )
+
+    def load_state(self, state: SerialState) -> None:
+        """Continue from a saved state (before the vCPUs run); the line history is kept."""
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = state.ier, state.lcr, state.mcr, state.scr
+            self.dll, self.dlm, self.fifo = state.dll, state.dlm, state.fifo
+            self._thri_pending = state.thri_pending
+            self._rx = deque(state.rx)
+            self._pending = bytearray(state.pending)
