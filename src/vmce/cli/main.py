@@ -6,7 +6,9 @@ import sys
 
 import typer
 
-from vmce.cli import decode, demo, guest, hvmctx, mceinject, run
+from vmce.cli import decode, demo, guest, hvmctx, inject, mceinject, run
+from vmce.cli import restore as restore_cmd
+from vmce.cli import stream as stream_cmd
 from vmce.cli.output import CliError, err_console
 
 app = typer.Typer(
@@ -19,9 +21,14 @@ app = typer.Typer(
 app.command()(decode.decode)
 app.command()(demo.demo)
 app.command()(run.run)
+app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
+    inject.inject
+)
 app.add_typer(hvmctx.app, name="hvmctx")
 app.add_typer(mceinject.app, name="mce-inject")
 app.add_typer(guest.app, name="guest")
+app.command()(restore_cmd.restore)
+app.add_typer(stream_cmd.app, name="stream")
 
 
 def main() -> None:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
 from vmce.cli.output import console, emit_json, fail, parse_u64
+from vmce.guest.events import parse_event
 from vmce.guest.testguest import Flags, GuestConfig, TestGuest, Work
 from vmce.guest.verdict import Verdict, decide
-from vmce.host.catalog import CATALOG, lookup
+from vmce.host.catalog import CATALOG, NamedError, lookup
+from vmce.kvm.qmp.commands import SaveFunction
+from vmce.kvm.qmp.server import ControlSocketError, QmpServer
+from vmce.kvm.stop import StopReason
+from vmce.kvm.vmcevm import VmceVm
 from vmce.vmce import HostProfile, InjectionPolicy, Vendor
 
 WORK_NAMES = ", ".join(w.name.lower() for w in Work)
@@ -58,7 +65,14 @@ def run(
         bool, typer.Option(help="inject as a host memory error through the host path")
     ] = False,
     inject_after: Annotated[float, typer.Option(help="seconds after boot to inject")] = 0.2,
-    timeout: Annotated[float, typer.Option(help="seconds to run after boot")] = 3.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="seconds to run after boot (default 3; with --control: until quit)"),
+    ] = None,
+    control: Annotated[
+        str | None,
+        typer.Option(help="serve QMP on this unix socket (mode 0600) for vmce inject, qemu.qmp"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary at the end")] = (
         False
     ),
@@ -84,8 +98,12 @@ def run(
         monarch_timeout_us=monarch_timeout_us,
     )
     t0 = time.monotonic()
+    run_for = timeout if timeout is not None else (None if control else 3.0)
+    sinks: list[QmpServer] = []
 
     def show(line: str) -> None:
+        for server in sinks:
+            server.console_line(line)
         if not as_json:
             console.print(
                 f"[dim]{time.monotonic() - t0:8.3f}[/] {line}",
@@ -98,26 +116,89 @@ def run(
         cfg, profile=profile_for(vendor), policy=pol, memory_size=memory << 20, on_line=show
     ) as g:
         g.boot()
-        if error is not None:
-            time.sleep(inject_after)
-            if via_host:
-                report = g.vm.memory_error(
-                    gpa, error.status, misc=error.misc, mcg_status=error.mcg_status
-                )
-                note = report.describe().replace("\n", "; ")
-            else:
-                note = g.vm.inject(error.record(gpa), error.mcg_status).describe()
-            show(f"# vmce: injected {error.name} at {gpa:#x}: {note}")
-        stop = g.vm.wait(timeout)
-        if stop is None:
-            g.vm.stop(f"vmce run: {timeout} s passed")
+        if control is not None:
+            sinks.append(_serve(g, control))
+            show(f"# vmce: QMP control socket at {control}")
+        try:
+            stop = _inject_and_wait(g, error, gpa, via_host, inject_after, run_for, sinks, show)
+        finally:
+            for server in sinks:
+                server.close()
         verdict = decide(
             g.lines,
             g.events,
             g.vm.machine.stop_reason if stop else None,
-            injected=error is not None,
+            injected=error is not None or bool(g.vm.deliveries),
         )
         _report(verdict, g, as_json, stop is not None)
+
+
+def _serve(g: TestGuest, path: str) -> QmpServer:
+    """Start the control socket for ``g``'s VM."""
+
+    def guest_event(line: str) -> dict[str, Any] | None:
+        e = parse_event(line)
+        return None if e is None else {"kind": e.kind, **e.fields}
+
+    server = QmpServer(g.vm, path, line_parser=guest_event, save=_save_function())
+    try:
+        server.start()
+    except ControlSocketError as e:
+        fail(str(e))
+    return server
+
+
+def _save_function() -> SaveFunction | None:
+    """The control socket's ``vmce-save``: :func:`vmce.kvm.persist.save.save_vm` when this build
+    has it (a user-paused VM stays paused)."""
+    try:
+        module = importlib.import_module("vmce.kvm.persist.save")
+    except ImportError:
+        return None
+    save_vm = getattr(module, "save_vm", None)
+    if save_vm is None:
+        return None
+
+    def save(vm: VmceVm, path: str, paused: bool) -> Any:
+        return save_vm(vm, path, resume=not paused)
+
+    return save
+
+
+def _inject_and_wait(
+    g: TestGuest,
+    error: NamedError | None,
+    gpa: int,
+    via_host: bool,
+    inject_after: float,
+    run_for: float | None,
+    servers: list[QmpServer],
+    show: Callable[[str], None],
+) -> StopReason | None:
+    """Inject the named error (if any) and run until the VM stops, a control client asks to
+    quit, or ``run_for`` seconds pass (then the VM is stopped and None returned)."""
+    if error is not None:
+        time.sleep(inject_after)
+        if via_host:
+            report = g.vm.memory_error(
+                gpa, error.status, misc=error.misc, mcg_status=error.mcg_status
+            )
+            note = report.describe().replace("\n", "; ")
+        else:
+            note = g.vm.inject(error.record(gpa), error.mcg_status).describe()
+        show(f"# vmce: injected {error.name} at {gpa:#x}: {note}")
+    deadline = None if run_for is None else time.monotonic() + run_for
+    while True:
+        left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        stop = g.vm.wait(max(left, 0.0))
+        if stop is not None:
+            return stop
+        if any(s.quit_requested.is_set() for s in servers):
+            g.vm.stop("quit requested on the control socket")
+            return g.vm.machine.stop_reason
+        if deadline is not None and time.monotonic() >= deadline:
+            g.vm.stop(f"vmce run: {run_for} s passed")
+            return None
 
 
 def _report(verdict: Verdict, g: TestGuest, as_json: bool, stopped: bool) -> None:

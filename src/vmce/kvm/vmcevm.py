@@ -118,6 +118,8 @@ class VmceVm:
         self.shutdown_reason: str | None = None
         #: Called on the vCPU's thread for every guest access to a vMCE MSR, when set.
         self.msr_trace: Callable[[MsrAccess], None] | None = None
+        #: Called (on a vCPU thread) with every #MC delivery the VMM records.
+        self.on_delivery: list[Callable[[McDelivery], None]] = []
         self._lock = threading.Lock()
         self._requested: dict[int, float] = {}
         self._batch: list[int] | None = None
@@ -270,8 +272,11 @@ class VmceVm:
         self._shutdown(vid, f"vCPU {vid}: #MC could not be delivered ({result.detail})")
 
     def _record(self, vid: int, requested: float, ok: bool, detail: str) -> None:
+        d = McDelivery(vid, requested, time.monotonic(), ok, detail)
         with self._lock:
-            self.deliveries.append(McDelivery(vid, requested, time.monotonic(), ok, detail))
+            self.deliveries.append(d)
+        for listener in list(self.on_delivery):
+            listener(d)
 
     def _on_crash(self, crash: Crash) -> None:
         self._shutdown(0, f"domain crashed: {crash.reason}")
