@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: Benchmark scripts in the order they run; each has ``main(argv) -> int``.
-BENCHES = ["model", "vmm", "persist", "qmp"]
+BENCHES = ["model", "vmm", "persist", "qmp", "linux"]
 
 
 def load(name: str) -> object:

@@ -22,7 +22,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vmce.cli.output import console, emit_json, err_console
+from vmce.cli.output import console, emit_json, err_console, fail
 from vmce.guest.testguest import Flags, GuestConfig, TestGuest, Work
 from vmce.guest.verdict import Outcome, Verdict, decide
 from vmce.host.catalog import lookup
@@ -162,12 +162,20 @@ def demo(
     vcpus: Annotated[int, typer.Option(help="vCPUs of each guest", min=2, max=32)] = 4,
     model: Annotated[bool, typer.Option(help="show the model only, without KVM")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the verdicts as JSON")] = False,
+    guest: Annotated[str, typer.Option(help="test (our test kernel) or linux (Debian)")] = "test",
 ) -> None:
     """Show the seed's broadcast vMCE against vCPU0-only delivery, and seed point 6."""
     kvm = probe()
     if model:
         model_demo(vcpus)
         return
+    if guest == "linux":
+        if not kvm.usable:
+            fail(f"/dev/kvm is not usable here ({kvm.reason}): the Linux demo needs it")
+        linux_demo(as_json)
+        return
+    if guest != "test":
+        fail(f"--guest {guest!r}: expected test or linux")
     if not kvm.usable:
         err_console.print(
             f"[yellow]/dev/kvm is not usable here ({kvm.reason}); showing the model only.[/]\n"
@@ -252,3 +260,81 @@ def model_demo(vcpus: int) -> None:
                 f"{b.addr:#x}",
             )
         console.print(table)
+
+
+def linux_demo(as_json: bool) -> None:
+    """The first two Linux scenarios side by side, from the cached booted snapshot."""
+    from vmce.guest.linux.guest import LinuxConfig
+    from vmce.guest.linux.material import cached_material
+    from vmce.guest.linux.scenarios import Scenario, run
+    from vmce.guest.linux.snapshot import booted_guest, snapshot_path
+
+    material = cached_material()
+    if material is None:
+        fail("the Debian kernel is not cached yet: run 'vmce guest linux' first")
+    config = LinuxConfig()
+    out = err_console if as_json else console
+    if not snapshot_path(config, material).exists():
+        out.print(
+            "No booted snapshot yet: booting Debian Linux once (a few minutes on "
+            "kvm_pvm); later runs restore it in about a second."
+        )
+    results = []
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=as_json,
+    ) as progress:
+        for scenario in (Scenario.BROADCAST_SRAO, Scenario.VCPU0_SRAO):
+            task = progress.add_task(f"{scenario.value}: restoring the booted guest", total=None)
+            g, _ = booted_guest(config, material)
+            with g:
+                progress.update(task, description=f"{scenario.value}: injecting")
+                r = run(scenario, g, timeout=90)
+            progress.update(
+                task,
+                description=f"{scenario.value}: {r.verdict.outcome.value}",
+                total=1,
+                completed=1,
+            )
+            results.append(r)
+    if as_json:
+        emit_json(
+            {
+                "kernel": material.manifest.kernel_package,
+                "version": material.manifest.kernel_version,
+                "guests": [
+                    {
+                        "scenario": r.scenario.value,
+                        "verdict": r.verdict.outcome.value,
+                        "reason": r.verdict.reason,
+                        "mce": r.monarch_timeout_us,
+                        "seconds": round(r.seconds_to_verdict, 2),
+                        "console": r.messages,
+                    }
+                    for r in results
+                ],
+            }
+        )
+        return
+    table = Table(
+        show_lines=True,
+        expand=True,
+        title=f"Debian {material.manifest.kernel_package} "
+        f"({material.manifest.kernel_version}), 2 vCPUs, Intel profile",
+    )
+    for r in results:
+        table.add_column(r.scenario.description, ratio=1)
+    keep = ("mce:", "Memory failure", "Kernel panic", "Disabling lock")
+    table.add_row(*("\n".join(m for m in r.messages if m.startswith(keep)) for r in results))
+    table.add_row(
+        *(
+            f"[bold {'green' if r.verdict.outcome is Outcome.RECOVERED else 'red'}]"
+            f"{r.verdict}[/]\n[dim]mce={r.monarch_timeout_us}; "
+            f"{r.seconds_to_verdict:.1f} s to the verdict[/]"
+            for r in results
+        )
+    )
+    console.print(table)

@@ -8,6 +8,7 @@ import typer
 
 from vmce.cli import decode, demo, guest, hvmctx, inject, mceinject, run
 from vmce.cli import restore as restore_cmd
+from vmce.cli import save as save_cmd
 from vmce.cli import stream as stream_cmd
 from vmce.cli.output import CliError, err_console
 
@@ -27,6 +28,7 @@ app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args"
 app.add_typer(hvmctx.app, name="hvmctx")
 app.add_typer(mceinject.app, name="mce-inject")
 app.add_typer(guest.app, name="guest")
+app.command()(save_cmd.save)
 app.command()(restore_cmd.restore)
 app.add_typer(stream_cmd.app, name="stream")
 

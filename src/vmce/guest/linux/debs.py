@@ -34,9 +34,11 @@ def download(name: str, dest: Path) -> Package:
     if shutil.which("apt-get") is None:
         raise MaterialError("apt-get is not available: pass the .deb files with --kernel/--busybox")
     dest.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        ["apt-get", "download", name], cwd=dest, capture_output=True, text=True, check=False
-    )
+    r = _apt_download(name, dest)
+    if r.returncode != 0 and "Unable to locate" in r.stderr:
+        # A fresh machine may have no package lists yet: fetch them once and try again.
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+        r = _apt_download(name, dest)
     if r.returncode != 0:
         hint = (
             "run 'apt-get update' first, or check the network"
@@ -48,6 +50,12 @@ def download(name: str, dest: Path) -> Package:
     if not found:
         raise MaterialError(f"apt-get download {name} left no {name}_*.deb in {dest}")
     return from_file(found[-1])
+
+
+def _apt_download(name: str, dest: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["apt-get", "download", name], cwd=dest, capture_output=True, text=True, check=False
+    )
 
 
 def from_file(path: Path) -> Package:

@@ -47,6 +47,8 @@ class LinuxConfig:
     policy: InjectionPolicy = InjectionPolicy.BROADCAST
     #: Linux's ``mce=N`` (6.1: the monarch timeout in microseconds); None keeps 1 s.
     monarch_timeout_us: int | None = 2000
+    #: ``mce=print_all``: log every machine-check record, also those the kernel recovered.
+    print_all: bool = True
     extra_cmdline: list[str] = field(default_factory=list)
     pvm_fixups: bool | None = None
 
@@ -54,6 +56,8 @@ class LinuxConfig:
         words = [BASE_CMDLINE, *linux_cmdline_fixups(self.pvm_fixups)]
         if self.monarch_timeout_us is not None:
             words.append(f"mce={self.monarch_timeout_us}")
+        if self.print_all:
+            words.append("mce=print_all")
         return " ".join([*words, *self.extra_cmdline])
 
 
@@ -65,7 +69,11 @@ class LinuxGuest:
         config: LinuxConfig,
         material: Material,
         on_line: Callable[[str], None] | None = None,
+        *,
+        restore_from: Callable[[Callable[[str], None]], VmceVm] | None = None,
     ) -> None:
+        """Build and load a fresh guest, or (``restore_from``) take a restored VM, which that
+        function builds with this guest's console callback."""
         self.config = config
         self.material = material
         self.lines: list[str] = []
@@ -73,6 +81,10 @@ class LinuxGuest:
         self._cond = threading.Condition()
         self._on_line = on_line
         self.started_at = 0.0
+        if restore_from is not None:
+            self.vm = restore_from(self._line)
+            self._attach_devices()
+            return
         self.vm = VmceVm(
             VmceVmConfig(
                 boot=BspBoot(0, ZERO_PAGE, BSP_STACK),  # entry set in _load
@@ -121,6 +133,9 @@ class LinuxGuest:
         regs = self.vm.machine.vcpus[0].get_regs()
         regs.rip = kernel.vmlinux.entry
         self.vm.machine.vcpus[0].set_regs(regs)
+        self._attach_devices()
+
+    def _attach_devices(self) -> None:
         self.vm.machine.bus.register(i8042.BASE, i8042.LENGTH, i8042.I8042(self._reset), "i8042")
 
     def _reset(self, vcpu_id: int) -> None:

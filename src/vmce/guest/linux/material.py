@@ -112,16 +112,24 @@ def cached(directory: Path) -> Material | None:
     return Material(directory, vmlinuz, initrd, m)
 
 
+def cached_material() -> Material | None:
+    """The prepared material of the pinned kernel, if the cache has it (never downloads)."""
+    for d in sorted(linux_cache().glob(f"{KERNEL_PACKAGE.removeprefix('linux-image-')}*")):
+        hit = cached(d)
+        if hit is not None and hit.manifest.kernel_package == KERNEL_PACKAGE:
+            return hit
+    return None
+
+
 def prepare(
     kernel_deb: Path | None = None, busybox_deb: Path | None = None, *, refresh: bool = False
 ) -> Material:
     """Kernel and initramfs, from the cache or freshly prepared."""
     root = linux_cache()
     if kernel_deb is None and not refresh:
-        for d in sorted(root.glob(f"{KERNEL_PACKAGE.removeprefix('linux-image-')}*")):
-            hit = cached(d)
-            if hit is not None and hit.manifest.kernel_package == KERNEL_PACKAGE:
-                return hit
+        hit = cached_material()
+        if hit is not None:
+            return hit
     with tempfile.TemporaryDirectory(prefix="vmce-debs-") as tmp:
         kpkg = from_file(kernel_deb) if kernel_deb else download(KERNEL_PACKAGE, Path(tmp))
         bpkg = from_file(busybox_deb) if busybox_deb else download(BUSYBOX_PACKAGE, Path(tmp))
