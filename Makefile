@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-fast lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (Python 3.11)"; exit 1; }
@@ -27,6 +27,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
+
+# Everything but the Debian Linux guest (which boots for minutes on kvm_pvm when uncached).
+test-fast: $(STAMP) lint typecheck
+	$(BIN)/pytest -q -m "not linux"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
