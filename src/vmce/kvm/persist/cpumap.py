@@ -383,26 +383,8 @@ def vcpu_to_xen(state: VcpuState, layout: XsaveLayout) -> VcpuRecords:
     return out
 
 
-_GPRS = (
-    "rax",
-    "rbx",
-    "rcx",
-    "rdx",
-    "rbp",
-    "rsi",
-    "rdi",
-    "rsp",
-    "r8",
-    "r9",
-    "r10",
-    "r11",
-    "r12",
-    "r13",
-    "r14",
-    "r15",
-    "rip",
-    "rflags",
-)
+#: The general registers of ``struct kvm_regs``, in its declared order.
+_GPRS = tuple(name for name, *_ in KvmRegs._fields_)
 
 
 def vcpu_from_xen(vcpu_id: int, rec: VcpuRecords, *, irqchip: bool, tsc_khz: int) -> VcpuState:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmce.kvm.abi import KvmClockData, KvmIoapicState, KvmPicState, KvmPitState2, PitFlag
+from vmce.kvm.abi import (
+    KvmClockData,
+    KvmIoapicState,
+    KvmPicState,
+    KvmPitChannelState,
+    KvmPitState2,
+    PitFlag,
+)
 from vmce.kvm.abi.constants import KVM_IOAPIC_NUM_PINS
 from vmce.kvm.persist.vendor import KvmPlatformEntry
 from vmce.kvm.vstate import PlatformState
@@ -28,19 +35,9 @@ _PIC_MODE_FIELDS: tuple[tuple[str, PicMode], ...] = (
     ("special_fully_nested_mode", PicMode.SPECIAL_FULLY_NESTED_MODE),
     ("special_mask", PicMode.SPECIAL_MASK_MODE),
 )
-_PIT_FIELDS = (
-    "count",
-    "latched_count",
-    "count_latched",
-    "status_latched",
-    "status",
-    "read_state",
-    "write_state",
-    "write_latch",
-    "rw_mode",
-    "mode",
-    "bcd",
-    "gate",
+#: The PIT channel fields KVM and Xen both have (they name them alike), in KVM's order.
+_PIT_FIELDS = tuple(
+    name for name, *_ in KvmPitChannelState._fields_ if name in PitChannel.field_names()
 )
 
 
