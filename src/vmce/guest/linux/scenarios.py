@@ -97,8 +97,8 @@ def run(scenario: Scenario, guest: LinuxGuest, *, timeout: float = 120.0) -> Sce
     stop = guest.vm.machine.stop_reason
     messages = guest.messages[since:]
     verdict = decide(messages, [], stop, injected=True)
-    if verdict.outcome is Outcome.RECOVERED and not any("Memory failure" in m for m in messages):
-        verdict = Verdict(Outcome.HANG, f"no verdict within {timeout:.0f} s")
+    if verdict.outcome is Outcome.HANG:
+        verdict = Verdict(Outcome.HANG, f"no recovery, panic or stop within {timeout:.0f} s")
     return ScenarioResult(
         scenario, verdict, guest.config.monarch_timeout_us, injected, elapsed, messages
     )
