@@ -92,3 +92,38 @@ def test_amd_profile_has_no_recovery(run_scenario) -> None:  # type: ignore[no-u
         "Machine check: Uncorrected error without MCA Recovery" in m
         for m in r.verdict.details + r.messages
     )
+
+
+def test_vmce_run_guest_linux_cli(material: Material) -> None:
+    """vmce run --guest linux, as a user types it, from the cached snapshot."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmce.cli.main",
+            "run",
+            "--guest",
+            "linux",
+            "--inject",
+            "srao",
+            "--addr",
+            "0x5000000",
+            "--timeout",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    assert data["verdict"] == "recovered"
+    assert (
+        data["reason"] == "Memory failure: 0x5000: recovery action for free buddy page: Recovered"
+    )

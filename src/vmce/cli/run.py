@@ -12,6 +12,10 @@ import typer
 
 from vmce.cli.output import console, emit_json, fail, parse_u64
 from vmce.guest.events import parse_event
+from vmce.guest.linux.debs import MaterialError
+from vmce.guest.linux.guest import LinuxConfig, LinuxGuest
+from vmce.guest.linux.material import prepare
+from vmce.guest.linux.snapshot import booted_guest, snapshot_path
 from vmce.guest.testguest import Flags, GuestConfig, TestGuest, Work
 from vmce.guest.verdict import Verdict, decide
 from vmce.host.catalog import CATALOG, NamedError, lookup
@@ -76,8 +80,17 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary at the end")] = (
         False
     ),
+    guest: Annotated[
+        str, typer.Option(help="test (the vmce test kernel) or linux (Debian, from its snapshot)")
+    ] = "test",
 ) -> None:
-    """Boot the vmce test guest on KVM with the vMCE and print its console."""
+    """Boot a guest on KVM with the vMCE, optionally inject, and print its console.
+
+    The Linux guest is restored from its booted snapshot (booting once if there is none);
+    --work, --no-cr4-mce and --memory apply to the test guest only.
+    """
+    if guest not in ("test", "linux"):
+        fail(f"--guest {guest!r}: expected test or linux")
     try:
         pol = InjectionPolicy(policy)
     except ValueError:
@@ -89,6 +102,8 @@ def run(
         except KeyError as e:
             fail(str(e.args[0]))
     gpa = parse_u64(addr, "--addr")
+    if guest == "linux":
+        memory = LinuxConfig().memory_mib
     if gpa >= memory << 20:
         fail(f"--addr {gpa:#x} is outside the guest's {memory} MiB")
     cfg = GuestConfig(
@@ -112,6 +127,23 @@ def run(
                 soft_wrap=True,
             )
 
+    if guest == "linux":
+        _run_linux(
+            vcpus,
+            vendor,
+            pol,
+            monarch_timeout_us,
+            show,
+            control,
+            sinks,
+            error,
+            gpa,
+            via_host,
+            inject_after,
+            run_for,
+            as_json,
+        )
+        return
     with TestGuest(
         cfg, profile=profile_for(vendor), policy=pol, memory_size=memory << 20, on_line=show
     ) as g:
@@ -133,7 +165,53 @@ def run(
         _report(verdict, g, as_json, stop is not None)
 
 
-def _serve(g: TestGuest, path: str) -> QmpServer:
+def _run_linux(
+    vcpus: int,
+    vendor: str,
+    policy: InjectionPolicy,
+    monarch_timeout_us: int | None,
+    show: Callable[[str], None],
+    control: str | None,
+    sinks: list[QmpServer],
+    error: NamedError | None,
+    gpa: int,
+    via_host: bool,
+    inject_after: float,
+    run_for: float | None,
+    as_json: bool,
+) -> None:
+    """``vmce run --guest linux``: the Debian guest restored from its booted snapshot."""
+    try:
+        material = prepare()
+    except MaterialError as e:
+        fail(str(e))
+    config = LinuxConfig(vcpus=vcpus, profile=profile_for(vendor), policy=policy)
+    if monarch_timeout_us is not None:
+        config.monarch_timeout_us = monarch_timeout_us
+    if not snapshot_path(config, material).exists():
+        show("# vmce: no booted snapshot for this configuration yet: booting Linux once")
+    g, _ = booted_guest(config, material, on_line=show, on_boot_line=show)
+    with g:
+        g.vm.domain.policy = policy
+        g.start()
+        if control is not None:
+            sinks.append(_serve(g, control))
+            show(f"# vmce: QMP control socket at {control}")
+        try:
+            stop = _inject_and_wait(g, error, gpa, via_host, inject_after, run_for, sinks, show)
+        finally:
+            for server in sinks:
+                server.close()
+        verdict = decide(
+            g.messages,
+            [],
+            g.vm.machine.stop_reason if stop else None,
+            injected=error is not None or bool(g.vm.deliveries),
+        )
+        _report(verdict, g, as_json, stop is not None)
+
+
+def _serve(g: TestGuest | LinuxGuest, path: str) -> QmpServer:
     """Start the control socket for ``g``'s VM."""
 
     def guest_event(line: str) -> dict[str, Any] | None:
@@ -166,7 +244,7 @@ def _save_function() -> SaveFunction | None:
 
 
 def _inject_and_wait(
-    g: TestGuest,
+    g: TestGuest | LinuxGuest,
     error: NamedError | None,
     gpa: int,
     via_host: bool,
@@ -201,7 +279,7 @@ def _inject_and_wait(
             return None
 
 
-def _report(verdict: Verdict, g: TestGuest, as_json: bool, stopped: bool) -> None:
+def _report(verdict: Verdict, g: TestGuest | LinuxGuest, as_json: bool, stopped: bool) -> None:
     stop = g.vm.machine.stop_reason
     data: dict[str, Any] = {
         "verdict": verdict.outcome.value,

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmce.guest.events import GuestEvent
 from vmce.guest.linux import bootparams
 from vmce.guest.linux.material import Material
 from vmce.kvm.boot import BspBoot
@@ -78,6 +79,8 @@ class LinuxGuest:
         self.material = material
         self.lines: list[str] = []
         self.times: list[float] = []
+        #: Stock Linux prints no ``@vmce`` events (the attribute matches the test guest's).
+        self.events: list[GuestEvent] = []
         self._cond = threading.Condition()
         self._on_line = on_line
         self.started_at = 0.0
