@@ -224,6 +224,13 @@ def test_cr4_mce_clear_brings_the_guest_down(guests: list[TestGuest]) -> None:
 def test_srar_in_user_code_kills_the_task_and_the_guest_goes_on(guests: list[TestGuest]) -> None:
     g = start(guests, GuestConfig(ncpus=2, work=[Work.USER, Work.KERNEL]))
     g.wait_for("work", lambda e: e.int("cpu") == 0)
+    moving = threading.Event()
+    for _ in range(500):  # the work line is printed just before the drop to CPL3
+        if g.counter(0) > 0:
+            moving.set()
+            break
+        moving.wait(0.01)
+    assert moving.is_set(), "vCPU 0 never reached its user task"
     g.vm.inject(SRAR, 0x7)
     mce = g.wait_for("mce", lambda e: e.int("cpu") == 0)[0]
     assert mce.str("sev") == "AR" and mce.str("ctx") == "user"
