@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vmce.mca.msr import is_vmce_routed as is_routed
 from vmce.vmce import (
     BankRecord,
     Domain,
@@ -19,7 +20,7 @@ from vmce.vmce import (
     vmce_rdmsr,
     vmce_wrmsr,
 )
-from vmce.vmce.msrs import AMD_THRESHOLD_LOCKED, is_routed
+from vmce.vmce.msrs import AMD_THRESHOLD_LOCKED
 
 ONES = (1 << 64) - 1
 GP = None  # what Domain.rdmsr returns for #GP

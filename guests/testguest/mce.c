@@ -444,8 +444,10 @@ static void mce_reset(void)
 {
 	atomic_set(&global_nwo, 0);
 	atomic_set(&mce_callin, 0);
-	for (u32 c = 0; c < bi->ncpus; c++)
+	for (u32 c = 0; c < bi->ncpus; c++) {
 		atomic_set(&cpu_entered[c], 0);
+		cpu_has_rec[c] = 0; /* a later panic must not print this #MC's records */
+	}
 	atomic_set(&mce_executing, 0);
 }
 
@@ -581,6 +583,8 @@ void do_machine_check(struct frame *f)
 	}
 
 	console_defer(0);
+	if (order < 0)
+		cpu_has_rec[cpu] = 0; /* no rendezvous reset will clear it */
 	if (logged && atomic_inc(&taint_printed) == 1)
 		printk("Disabling lock debugging due to kernel taint\n");
 

@@ -24,14 +24,23 @@ static int probe_fixup(struct frame *f)
 	return 1;
 }
 
+/*
+ * The #MC handler uses these too, and may interrupt a probe between arming and checking:
+ * each call saves the CPU's probe state and puts it back, so the interrupted probe still
+ * sees its own fault (or its absence).
+ */
 int rdmsr_safe(u32 msr, u64 *value)
 {
 	u32 cpu = this_cpu(), lo = 0, hi = 0;
+	u32 armed = probe_armed[cpu], faulted = probe_faulted[cpu];
 	probe_faulted[cpu] = 0;
 	probe_armed[cpu] = 1;
 	__asm__ volatile("rdmsr" : "+a"(lo), "+d"(hi) : "c"(msr) : "memory");
 	probe_armed[cpu] = 0;
-	if (probe_faulted[cpu])
+	int gp = probe_faulted[cpu];
+	probe_faulted[cpu] = faulted;
+	probe_armed[cpu] = armed;
+	if (gp)
 		return -1;
 	*value = ((u64)hi << 32) | lo;
 	return 0;
@@ -40,11 +49,15 @@ int rdmsr_safe(u32 msr, u64 *value)
 int wrmsr_safe(u32 msr, u64 value)
 {
 	u32 cpu = this_cpu();
+	u32 armed = probe_armed[cpu], faulted = probe_faulted[cpu];
 	probe_faulted[cpu] = 0;
 	probe_armed[cpu] = 1;
 	__asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)value), "d"((u32)(value >> 32)) : "memory");
 	probe_armed[cpu] = 0;
-	return probe_faulted[cpu] ? -1 : 0;
+	int gp = probe_faulted[cpu];
+	probe_faulted[cpu] = faulted;
+	probe_armed[cpu] = armed;
+	return gp ? -1 : 0;
 }
 
 void exception(struct frame *f)

@@ -130,14 +130,15 @@ def test_vmce_state_survives(guests: list[TestGuest], tmp_path: Path) -> None:
 def test_mce_injected_before_the_save_is_handled_after_the_restore(
     guests: list[TestGuest], booted: tuple[Snapshot, tuple[int, int]], tmp_path: Path
 ) -> None:
-    """Paused, the #MC is delivered into KVM (pending) and the model holds MCIP and bank 1;
-    saved so, the original is dropped; the restored guest takes and handles the #MC."""
+    """Saved when the #MC is already in KVM (pending in each vCPU's event state) and the model
+    holds MCIP and bank 1, as after a delivery that the pause caught before the guest ran;
+    the original is dropped; the restored guest takes and handles the #MC."""
     g = from_snapshot(guests, booted[0])
     g.start()
     assert g.vm.pause()
-    assert g.vm.inject(SRAO, 0x5).ok
-    assert wait_until(lambda: len(g.vm.deliveries) == 2)
-    assert all(d.accepted for d in g.vm.deliveries)
+    assert g.vm.domain.fill(SRAO, 0x5).ok  # Xen's fill, without marking anything pending
+    for vid in range(2):  # the delivery itself, on each vCPU's thread, while it is parked
+        assert g.vm.machine.inject_exception(vid, 18).result(5).accepted
     path = tmp_path / "inflight.xen"
     save_vm(g.vm, path, resume=False)
     assert not g.find("mce-enter")

@@ -385,3 +385,17 @@ def test_vmce_run_cli() -> None:
         check=False,
     )
     assert bad.returncode == 2 and "unknown error 'nope'" in bad.stderr
+
+
+def test_vmce_while_paused_waits_for_resume(guests: list[TestGuest]) -> None:
+    """An injection into a paused VM stays pending in the model and is taken on resume."""
+    g = start(guests, GuestConfig(ncpus=2))
+    assert g.vm.pause()
+    d = g.vm.inject(SRAO, 0x5)
+    assert d.ok
+    assert g.vm.deliveries == []  # nothing went into KVM while paused
+    assert all(v.mce_pending for v in g.vm.domain.vcpus)
+    g.vm.resume()
+    g.wait_for("mce-exit", count=2)
+    assert g.wait_for("memory-failure")[0].str("result") == "Recovered"
+    assert len(g.vm.deliveries) == 2 and all(x.accepted for x in g.vm.deliveries)

@@ -23,7 +23,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vmce.cli.output import console, emit_json, err_console, fail
-from vmce.guest.testguest import Flags, GuestConfig, TestGuest, Work
+from vmce.guest.testguest import Flags, GuestConfig, GuestTimeout, TestGuest, Work
 from vmce.guest.verdict import Outcome, Verdict, decide
 from vmce.host.catalog import lookup
 from vmce.host.memerr import HostBank, HostMca, PhysicalMce
@@ -115,7 +115,10 @@ def _run_one(s: Scenario, vcpus: int, progress: Progress) -> Story:
     )
     with TestGuest(cfg, policy=s.policy) as g:
         t0 = time.monotonic()
-        g.boot()
+        try:
+            g.boot()
+        except GuestTimeout as e:
+            fail(f"{s.title}: the test guest did not boot: {e}")
         boot = time.monotonic() - t0
         progress.update(task, description=f"{s.title}: injecting an SRAO memory error")
         time.sleep(0.2)

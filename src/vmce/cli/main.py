@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -40,6 +41,10 @@ def main() -> None:
     except CliError as e:
         err_console.print(f"vmce: error: {e}", markup=False, soft_wrap=True)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader went away (``vmce ... | head``): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from vmce.cli.output import console, emit_json, fail
-from vmce.host.direct import GUEST_ERROR_BANK, plan
+from vmce.host.direct import plan
 from vmce.host.mceinject import MceInjectSyntaxError, parse_file, resolve
 from vmce.mca import MCG_STATUS, MCI_STATUS
+from vmce.vmce.direct import GUEST_ERROR_BANK
 
 app = typer.Typer(
     no_args_is_help=True,

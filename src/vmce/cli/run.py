@@ -16,7 +16,7 @@ from vmce.guest.linux.debs import MaterialError
 from vmce.guest.linux.guest import LinuxConfig, LinuxGuest
 from vmce.guest.linux.material import prepare
 from vmce.guest.linux.snapshot import booted_guest, snapshot_path
-from vmce.guest.testguest import Flags, GuestConfig, TestGuest, Work
+from vmce.guest.testguest import Flags, GuestConfig, GuestTimeout, TestGuest, Work
 from vmce.guest.verdict import Verdict, decide
 from vmce.host.catalog import CATALOG, NamedError, lookup
 from vmce.kvm.qmp.commands import SaveFunction
@@ -116,16 +116,24 @@ def run(
     run_for = timeout if timeout is not None else (None if control else 3.0)
     sinks: list[QmpServer] = []
 
+    output_open = [True]
+
     def show(line: str) -> None:
+        """Print a console line (called on vCPU threads): a closed stdout (``| head``) ends
+        the printing, never the VM or the VMM."""
         for server in sinks:
             server.console_line(line)
-        if not as_json:
+        if as_json or not output_open[0]:
+            return
+        try:
             console.print(
                 f"[dim]{time.monotonic() - t0:8.3f}[/] {line}",
                 markup=True,
                 highlight=False,
                 soft_wrap=True,
             )
+        except (BrokenPipeError, SystemExit, OSError):
+            output_open[0] = False
 
     if guest == "linux":
         _run_linux(
@@ -147,7 +155,10 @@ def run(
     with TestGuest(
         cfg, profile=profile_for(vendor), policy=pol, memory_size=memory << 20, on_line=show
     ) as g:
-        g.boot()
+        try:
+            g.boot()
+        except GuestTimeout as e:
+            fail(f"the test guest did not boot: {e}")
         if control is not None:
             sinks.append(_serve(g, control))
             show(f"# vmce: QMP control socket at {control}")

@@ -15,9 +15,6 @@ from vmce.host.mceinject import Injection, MceRecord, Mode
 from vmce.mca.classify import ErrorClass, classify
 from vmce.mca.constants import MCI_STATUS_MSCOD_FILTER
 
-#: The guest bank every error is reported in.
-GUEST_ERROR_BANK = 1
-
 
 @dataclass(frozen=True)
 class VcpuLoad:

@@ -27,7 +27,6 @@ from vmce.kvm.abi import (
     KvmRun,
     KvmSregs,
     KvmVcpuEvents,
-    KvmX86Mce,
     KvmXcrs,
     KvmXsave,
     MpState,
@@ -221,14 +220,6 @@ class Vcpu:
     def set_debugregs(self, state: KvmDebugregs) -> None:
         """Restore the debug registers."""
         ioctl_buf(self.fd, Ioctl.SET_DEBUGREGS, state)
-
-    def setup_mce(self, mcg_cap: int) -> None:
-        """``KVM_X86_SETUP_MCE``: KVM's own MCA emulation (not used with a Python model)."""
-        ioctl_buf(self.fd, Ioctl.X86_SETUP_MCE, ctypes.c_uint64(mcg_cap))
-
-    def set_mce(self, mce: KvmX86Mce) -> None:
-        """``KVM_X86_SET_MCE``: KVM's own #MC injection (not used with a Python model)."""
-        ioctl_buf(self.fd, Ioctl.X86_SET_MCE, mce)
 
     def nmi(self) -> None:
         """``KVM_NMI`` (in-kernel LAPIC only)."""

@@ -25,7 +25,7 @@ from vmce.host.memerr import HostBank, HostMca, HostMceReport, PhysicalMce
 from vmce.host.memory import PAGE_SHIFT, GuestDomain, HostMemory
 from vmce.kvm.boot import BspBoot, DirectBoot
 from vmce.kvm.machine import Machine, MachineConfig
-from vmce.kvm.runner import RunnerState
+from vmce.kvm.runner import RunnerState, VcpuRunner
 from vmce.kvm.stop import StopReason
 from vmce.kvm.vcpu import Vcpu
 from vmce.kvm.vm import MsrRange
@@ -123,7 +123,10 @@ class VmceVm:
         self._lock = threading.Lock()
         self._requested: dict[int, float] = {}
         self._batch: list[int] | None = None
+        #: Serialises the user's pause/resume (and saves) with the broadcast barrier.
+        self._pause_lock = threading.RLock()
         self._user_paused = False
+        self._deferred: list[int] = []
         self.machine = Machine(
             MachineConfig(
                 boot=config.boot,
@@ -224,29 +227,53 @@ class VmceVm:
             if self._batch is not None:
                 self._batch.append(vcpu_id)
                 return
-        self.machine.submit(vcpu_id, lambda vcpu: self._deliver(vcpu, 0))
+        self._deliver_together([vcpu_id])
 
     def _deliver_together(self, vids: list[int]) -> None:
-        runners = [self.machine.runners[v] for v in vids]
-        barrier = (
-            len(vids) > 1
-            and not self._user_paused
-            and all(r.state in (RunnerState.RUNNING, RunnerState.HALTED) for r in runners)
-            and not any(r.on_vcpu_thread for r in runners)
-        )
-        if barrier:
-            for r in runners:
-                r.pause()
-            barrier = all(r.wait_parked(BARRIER_TIMEOUT) for r in runners)
-        futures = [self.machine.submit(v, lambda vcpu: self._deliver(vcpu, 0)) for v in vids]
-        if barrier:
-            for f in futures:
-                with contextlib.suppress(Exception):
-                    f.result(BARRIER_TIMEOUT)
-            for r in runners:
-                r.resume()
+        """Deliver the #MCs pending on ``vids``: behind a barrier when there are several, and
+        not at all while the VM is paused (they stay pending in the model, so a save carries
+        them, and are delivered on :meth:`resume`)."""
+        with self._pause_lock:
+            if self._user_paused:
+                self._deferred.extend(vids)
+                return
+            runners = [self.machine.runners[v] for v in vids]
+            barrier = (
+                len(vids) > 1
+                and all(r.state in (RunnerState.RUNNING, RunnerState.HALTED) for r in runners)
+                and not any(r.on_vcpu_thread for r in runners)
+            )
+            paused: list[VcpuRunner] = []
+            try:
+                if barrier:
+                    for r in runners:
+                        r.pause()
+                        paused.append(r)
+                    barrier = all(r.wait_parked(BARRIER_TIMEOUT) for r in runners)
+                futures = [
+                    self.machine.submit(v, lambda vcpu: self._deliver(vcpu, 0)) for v in vids
+                ]
+                if barrier:
+                    for f in futures:
+                        with contextlib.suppress(Exception):
+                            f.result(BARRIER_TIMEOUT)
+            finally:
+                for r in paused:  # a vCPU that did not park in time is let go all the same
+                    r.resume()
 
     def _deliver(self, vcpu: Vcpu, attempt: int) -> None:
+        """On ``vcpu``'s thread: take the pending #MC into the CPU, or shut the guest down
+        saying why; an error here must not lose the #MC silently."""
+        vid = vcpu.vcpu_id
+        try:
+            self._deliver_once(vcpu, attempt)
+        except Exception as exc:  # KVM refused the state, or a listener failed
+            with self._lock:
+                requested = self._requested.get(vid, time.monotonic())
+            self._record(vid, requested, False, f"delivery failed: {exc}", notify=False)
+            self._shutdown(vid, f"vCPU {vid}: #MC delivery failed ({exc})")
+
+    def _deliver_once(self, vcpu: Vcpu, attempt: int) -> None:
         vid = vcpu.vcpu_id
         if attempt == 0 and not self.domain.vcpus[vid].take_pending():
             return
@@ -271,12 +298,15 @@ class VmceVm:
         self._record(vid, requested, False, result.detail)
         self._shutdown(vid, f"vCPU {vid}: #MC could not be delivered ({result.detail})")
 
-    def _record(self, vid: int, requested: float, ok: bool, detail: str) -> None:
+    def _record(
+        self, vid: int, requested: float, ok: bool, detail: str, *, notify: bool = True
+    ) -> None:
         d = McDelivery(vid, requested, time.monotonic(), ok, detail)
         with self._lock:
             self.deliveries.append(d)
-        for listener in list(self.on_delivery):
-            listener(d)
+        if notify:
+            for listener in list(self.on_delivery):
+                listener(d)
 
     def _on_crash(self, crash: Crash) -> None:
         self._shutdown(0, f"domain crashed: {crash.reason}")
@@ -297,14 +327,18 @@ class VmceVm:
 
     def pause(self, timeout: float = 5.0) -> bool:
         """Stop every vCPU at a safe point (a vMCE injected meanwhile is taken on resume)."""
-        with self._lock:
+        with self._pause_lock:
             self._user_paused = True
-        return self.machine.pause(timeout)
+            return self.machine.pause(timeout)
 
     def resume(self) -> None:
-        with self._lock:
+        """Let the vCPUs run again, and deliver the #MCs that became pending meanwhile."""
+        with self._pause_lock:
             self._user_paused = False
-        self.machine.resume()
+            self.machine.resume()
+            deferred, self._deferred = self._deferred, []
+            if deferred:
+                self._deliver_together(sorted(set(deferred)))
 
     def stop(self, reason: str = "stopped by the host") -> None:
         self.machine.stop(reason)

@@ -178,11 +178,6 @@ def _bank_wrmsr(profile: HostProfile, vcpu: VCpu, msr: int, value: int) -> MsrAc
 AMD_THRESHOLD_LOCKED = 1 << 61
 
 
-def is_routed(msr: int) -> bool:
-    """Whether ``msr`` is one of the MSRs the routing layer sends to the vMCE."""
-    return any(first <= msr < first + count for first, count in VMCE_ROUTED_RANGES)
-
-
 ReadFn = Callable[[VCpu], int | None]
 WriteFn = Callable[[VCpu, int], bool]
 
@@ -204,8 +199,8 @@ class MsrTable:
 
     Each MSR gets a handler specialised when the table is built, so that an access is one
     dictionary lookup and one small call; the tests check every handler against the
-    layer-1 functions above. Guest writes take no lock: each is one attribute store, and any
-    interleaving with a concurrent fill equals some serial order of the two.
+    layer-1 functions above. A guest write of a bank register takes the vCPU's lock, so it
+    never lands between the stores of a fill; MCG_STATUS is one store and takes none.
     """
 
     def __init__(self, profile: HostProfile, guest_vendor: Vendor | None = None) -> None:
@@ -321,7 +316,8 @@ def _data_handlers(bank: int, attr: str) -> tuple[ReadFn, WriteFn]:
             return True
         if value:
             return False
-        setattr(v.banks[bank], attr, 0)
+        with v.lock:  # a fill stores STATUS, ADDR and MISC together
+            setattr(v.banks[bank], attr, 0)
         return True
 
     return read, write

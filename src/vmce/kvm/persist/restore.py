@@ -155,11 +155,19 @@ def restore_from(
     """Step 3 for an index and image of ``path`` (which must not have changed since)."""
     t0 = time.perf_counter()
     try:
-        vm = VmceVm(vm_config(image, on_serial_line))
+        fd = os.open(
+            path, os.O_RDONLY | os.O_CLOEXEC
+        )  # before the VM: nothing to undo if this fails
     except OSError as e:
-        raise RestoreFailed(f"cannot build the VM: {e}") from e
+        raise RestoreFailed(f"cannot open {path}: {e.strerror}") from e
+    try:
+        vm = VmceVm(vm_config(image, on_serial_line))
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise RestoreFailed(f"cannot build the VM: {e}") from e
+        raise
     t1 = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         pages = place_pages(
             vm.machine.memory, fd, index.runs, cow=cow, zero_pfns=sorted(image.broken)

@@ -150,6 +150,7 @@ class QmpServer:
         self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[tuple[_Client, Any] | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipe_closed = False
         self._wake_pending = False
         self._clients: dict[int, _Client] = {}
         self._numbers = 0
@@ -203,8 +204,14 @@ class QmpServer:
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        # A thread that did not end in time may still touch the pipe: leak it rather than
+        # let a write land in whatever file reuses the descriptor number.
+        threads_done = not self._started or not (self._worker.is_alive() or self._io.is_alive())
+        with self._flags:
+            self._pipe_closed = True
+            if threads_done:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def __enter__(self) -> QmpServer:
         self.start()
@@ -220,7 +227,10 @@ class QmpServer:
     # -- events (any thread) -------------------------------------------------------------
 
     def post_event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        """Queue event ``name`` for every negotiated client (never blocks)."""
+        """Queue event ``name`` for every negotiated client (never blocks; dropped once the
+        server is closed)."""
+        if self._pipe_closed:
+            return
         self._outbox.put(("event", name, data, time.time()))
         self._wake()
 
@@ -253,11 +263,12 @@ class QmpServer:
         self.post_event(name, data)
 
     def _wake(self) -> None:
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"!")
+        with self._flags:
+            if self._wake_pending or self._pipe_closed:
+                return
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"!")
 
     # -- the command thread ----------------------------------------------------------------
 
