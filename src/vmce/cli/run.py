@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -135,22 +136,9 @@ def run(
         except (BrokenPipeError, SystemExit, OSError):
             output_open[0] = False
 
+    plan = Plan(error, gpa, via_host, inject_after, run_for, control, as_json)
     if guest == "linux":
-        _run_linux(
-            vcpus,
-            vendor,
-            pol,
-            monarch_timeout_us,
-            show,
-            control,
-            sinks,
-            error,
-            gpa,
-            via_host,
-            inject_after,
-            run_for,
-            as_json,
-        )
+        _run_linux(vcpus, vendor, pol, monarch_timeout_us, show, sinks, plan)
         return
     with TestGuest(
         cfg, profile=profile_for(vendor), policy=pol, memory_size=memory << 20, on_line=show
@@ -159,21 +147,48 @@ def run(
             g.boot()
         except GuestTimeout as e:
             fail(f"the test guest did not boot: {e}")
-        if control is not None:
-            sinks.append(_serve(g, control))
-            show(f"# vmce: QMP control socket at {control}")
-        try:
-            stop = _inject_and_wait(g, error, gpa, via_host, inject_after, run_for, sinks, show)
-        finally:
-            for server in sinks:
-                server.close()
-        verdict = decide(
-            g.lines,
-            g.events,
-            g.vm.machine.stop_reason if stop else None,
-            injected=error is not None or bool(g.vm.deliveries),
+        _drive(g, lambda: g.lines, plan, sinks, show)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``vmce run`` does once the guest runs: inject, serve QMP, wait, report."""
+
+    error: NamedError | None
+    gpa: int
+    via_host: bool
+    inject_after: float
+    run_for: float | None
+    control: str | None
+    as_json: bool
+
+
+def _drive(
+    g: TestGuest | LinuxGuest,
+    lines: Callable[[], Sequence[str]],
+    plan: Plan,
+    sinks: list[QmpServer],
+    show: Callable[[str], None],
+) -> None:
+    """Serve the control socket (if asked), inject, wait, and report the verdict."""
+    if plan.control is not None:
+        sinks.append(_serve(g, plan.control))
+        show(f"# vmce: QMP control socket at {plan.control}")
+    try:
+        stop = _inject_and_wait(
+            g, plan.error, plan.gpa, plan.via_host, plan.inject_after, plan.run_for, sinks, show
         )
-        _report(verdict, g, as_json, stop is not None)
+    finally:
+        for server in sinks:
+            server.close()
+        sinks.clear()
+    verdict = decide(
+        lines(),
+        g.events,
+        g.vm.machine.stop_reason if stop else None,
+        injected=plan.error is not None or bool(g.vm.deliveries),
+    )
+    _report(verdict, g, plan.as_json, stop is not None)
 
 
 def _run_linux(
@@ -182,14 +197,8 @@ def _run_linux(
     policy: InjectionPolicy,
     monarch_timeout_us: int | None,
     show: Callable[[str], None],
-    control: str | None,
     sinks: list[QmpServer],
-    error: NamedError | None,
-    gpa: int,
-    via_host: bool,
-    inject_after: float,
-    run_for: float | None,
-    as_json: bool,
+    plan: Plan,
 ) -> None:
     """``vmce run --guest linux``: the Debian guest restored from its booted snapshot."""
     try:
@@ -205,21 +214,7 @@ def _run_linux(
     with g:
         g.vm.domain.policy = policy
         g.start()
-        if control is not None:
-            sinks.append(_serve(g, control))
-            show(f"# vmce: QMP control socket at {control}")
-        try:
-            stop = _inject_and_wait(g, error, gpa, via_host, inject_after, run_for, sinks, show)
-        finally:
-            for server in sinks:
-                server.close()
-        verdict = decide(
-            g.messages,
-            [],
-            g.vm.machine.stop_reason if stop else None,
-            injected=error is not None or bool(g.vm.deliveries),
-        )
-        _report(verdict, g, as_json, stop is not None)
+        _drive(g, lambda: g.messages, plan, sinks, show)
 
 
 def _serve(g: TestGuest | LinuxGuest, path: str) -> QmpServer:
