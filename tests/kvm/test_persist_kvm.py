@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -333,3 +334,45 @@ def test_vmce_restore_command_runs_the_saved_guest(
     out = json.loads(r.stdout)
     assert out["stopped"] is None and out["vcpus"] == 2 and out["pages_mapped"] > 15000
     assert out["ran_seconds"] >= 0.3
+
+
+def test_snapshot_replaced_after_planning_restores_the_new_file(
+    guests: list[TestGuest], booted: tuple[Snapshot, tuple[int, int]], tmp_path: Path
+) -> None:
+    """A snapshot file replaced (renamed over) after it was checked is checked again, never
+    mapped with the old file's page offsets."""
+    path = tmp_path / "snap.xen"
+    shutil.copyfile(booted[0].path, path)
+    snap = Snapshot(path)
+    assert snap.image is not None  # planned against the first file
+    g = from_snapshot(guests, booted[0])
+    g.start()
+    assert wait_until(lambda: g.counter(0) > booted[1][0] + 1000)
+    newer = tmp_path / "newer.xen"
+    save_vm(g.vm, newer, resume=False)
+    later = g.counter(0)
+    os.replace(newer, path)
+    r = TestGuest.restore(snap)
+    guests.append(r)
+    assert r.counter(0) == later  # the replaced file's state, not the planned one's
+    r.start()
+    recovers(r)
+
+
+def test_restore_refuses_a_file_that_is_not_the_checked_one(
+    booted: tuple[Snapshot, tuple[int, int]],
+) -> None:
+    from vmce.kvm.persist.restore import FileChanged, restore_from
+
+    index, image = plan_restore(booted[0].path)
+    st = os.stat(booted[0].path)
+    threads = threading.active_count()
+    with pytest.raises(FileChanged):
+        restore_from(
+            booted[0].path,
+            index,
+            image,
+            cow=True,
+            expect=(st.st_size, st.st_ino, st.st_mtime_ns + 1),
+        )
+    assert threading.active_count() == threads  # nothing was built

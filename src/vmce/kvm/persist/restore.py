@@ -35,6 +35,10 @@ from vmce.save.hvmrecords import VmceInflight
 from vmce.vmce import Domain, HostProfile, RestoreError
 
 
+class FileChanged(RuntimeError):
+    """The stream file is not the one that was checked (it was replaced meanwhile)."""
+
+
 class RestoreFailed(RuntimeError):
     """A checked stream that KVM or the model still refused while it was applied; the new VM
     was closed."""
@@ -151,15 +155,24 @@ def restore_from(
     *,
     cow: bool,
     on_serial_line: Callable[[str], None] | None = None,
+    expect: tuple[int, int, int] | None = None,
 ) -> tuple[VmceVm, BuildReport]:
-    """Step 3 for an index and image of ``path`` (which must not have changed since)."""
+    """Step 3 for an index and image of ``path`` (which must not have changed since).
+
+    ``expect`` is the (size, inode, mtime_ns) the index was made from; a file that is no
+    longer that one raises :class:`FileChanged` before anything is built.
+    """
     t0 = time.perf_counter()
     try:
-        fd = os.open(
-            path, os.O_RDONLY | os.O_CLOEXEC
-        )  # before the VM: nothing to undo if this fails
+        # Opened before the VM is built: nothing to undo if this fails.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise RestoreFailed(f"cannot open {path}: {e.strerror}") from e
+    if expect is not None:
+        st = os.fstat(fd)
+        if (st.st_size, st.st_ino, st.st_mtime_ns) != expect:
+            os.close(fd)
+            raise FileChanged(f"{path} changed after it was checked")
     try:
         vm = VmceVm(vm_config(image, on_serial_line))
     except BaseException as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vmce.kvm.persist.image import VmImage
 from vmce.kvm.persist.index import StreamIndex
-from vmce.kvm.persist.restore import BuildReport, plan_restore, restore_from
+from vmce.kvm.persist.restore import BuildReport, FileChanged, plan_restore, restore_from
 from vmce.kvm.persist.save import SaveReport, save_vm
 from vmce.kvm.vmcevm import VmceVm
 from vmce.vmce import HostProfile
@@ -67,8 +67,23 @@ class Snapshot:
 
     def restore(self, *, on_serial_line: Callable[[str], None] | None = None) -> VmceVm:
         """A new, not yet started VM continuing the saved one, its RAM mapped from the file."""
-        index, image = self._checked()
-        vm, self.last = restore_from(
-            self.path, index, image, cow=True, on_serial_line=on_serial_line
-        )
-        return vm
+        for attempt in range(2):
+            index, image = self._checked()
+            assert self._plan is not None
+            fid = self._plan[0]
+            try:
+                vm, self.last = restore_from(
+                    self.path,
+                    index,
+                    image,
+                    cow=True,
+                    on_serial_line=on_serial_line,
+                    expect=(fid.size, fid.inode, fid.mtime_ns),
+                )
+            except FileChanged:
+                if attempt:
+                    raise
+                self._plan = None  # replaced since it was checked: check the new file
+                continue
+            return vm
+        raise AssertionError("unreachable")
