@@ -24,7 +24,6 @@ from vmce.save.hvmctx import HvmContext, HvmContextError, Record
 from vmce.save.hvmrecords import VmceInflight, decode_context_full
 from vmce.save.stream import (
     PAGE_SIZE,
-    REC_LENGTH_MAX,
     CpuidLeaf,
     MsrPolicyEntry,
     PageDataHeader,
@@ -45,8 +44,8 @@ from vmce.save.stream.codecs import (
     decode_pfn,
     decode_tsc_info,
 )
-from vmce.save.stream.format import PFN_MASK, DomainHeader, ImageHeader, padded, record_name
-from vmce.save.stream.reader import record_error
+from vmce.save.stream.format import PFN_MASK, DomainHeader, ImageHeader, padded
+from vmce.save.stream.reader import admit_record, record_error
 from vmce.save.stream.rules import OPTIONAL_SKIPPED, RecordSequence
 
 HEADERS_SIZE = ImageHeader.size() + DomainHeader.size()
@@ -141,19 +140,8 @@ class _Scanner:
         offset = HEADERS_SIZE
         while True:
             index = len(summaries)
-            raw = self.read(offset, RecordHeader.size())
-            if not raw:
-                raise record_error(index, None, offset, "stream ends without an END record")
-            if len(raw) != RecordHeader.size():
-                raise record_error(
-                    index, None, offset, f"truncated record header ({len(raw)} of 8 bytes)"
-                )
-            h = RecordHeader.unpack_from(raw)
-            try:
-                rule = seq.admit(h.type)
-            except RecordError as e:
-                raise record_error(index, h.type, offset, str(e)) from e
-            self._check_frame(index, offset, h, rule.fixed_length if rule else None)
+            h, rule = admit_record(index, offset, self.read(offset, RecordHeader.size()), seq)
+            self._check_frame(index, offset, h)
             summary = RecordSummary(index, h.type, offset, h.length)
             note = OPTIONAL_SKIPPED if rule is None else ""
             if rule is not None:
@@ -171,14 +159,12 @@ class _Scanner:
         out.runs.sort(key=lambda r: r.pfn)
         return out
 
-    def _check_frame(self, index: int, offset: int, h: RecordHeader, fixed: int | None) -> None:
+    def _check_frame(self, index: int, offset: int, h: RecordHeader) -> None:
+        """The body is all there and its padding is zero (without reading the body)."""
+
         def fail(message: str) -> StreamError:
             return record_error(index, h.type, offset, message)
 
-        if h.length > REC_LENGTH_MAX:
-            raise fail(f"length {h.length:#x} exceeds the maximum {REC_LENGTH_MAX:#x} (128 MiB)")
-        if fixed is not None and h.length != fixed:
-            raise fail(f"length {h.length}, a {record_name(h.type)} record is {fixed}")
         want = padded(h.length)
         left = max(0, self.size - offset - RecordHeader.size())
         if left < want:

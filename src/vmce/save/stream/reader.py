@@ -56,6 +56,42 @@ def record_error(index: int, rtype: int | None, offset: int, message: str) -> St
     )
 
 
+def admit_record(
+    index: int, offset: int, raw: bytes, seq: RecordSequence
+) -> tuple[RecordHeader, RecordRule | None]:
+    """Parse record ``index``'s header (``raw``, read at ``offset``) and admit it: its type in
+    this position of the stream, its length against the maximum and the type's fixed length.
+
+    Returns the header and the type's rule (``None`` for an optional record to skip); every
+    refusal is a :class:`StreamError` naming the record and offset. Shared by every reader of
+    the format, so they refuse the same streams with the same words.
+    """
+    if not raw:
+        raise record_error(index, None, offset, "stream ends without an END record")
+    if len(raw) != RecordHeader.size():
+        raise record_error(index, None, offset, f"truncated record header ({len(raw)} of 8 bytes)")
+    h = RecordHeader.unpack_from(raw)
+    try:
+        rule = seq.admit(h.type)
+    except RecordError as e:
+        raise record_error(index, h.type, offset, str(e)) from e
+    if h.length > REC_LENGTH_MAX:
+        raise record_error(
+            index,
+            h.type,
+            offset,
+            f"length {h.length:#x} exceeds the maximum {REC_LENGTH_MAX:#x} (128 MiB)",
+        )
+    if rule is not None and rule.fixed_length is not None and h.length != rule.fixed_length:
+        raise record_error(
+            index,
+            h.type,
+            offset,
+            f"length {h.length}, a {record_name(h.type)} record is {rule.fixed_length}",
+        )
+    return h, rule
+
+
 @dataclass(frozen=True)
 class RawRecord:
     """A framed record: its summary and its unpadded body."""
@@ -155,35 +191,18 @@ class StreamReader:
 
     def _next_record(self, seq: RecordSequence) -> RawRecord | None:
         index, offset = len(self._records), self._offset
-        head = self._read(RecordHeader.size())
-        if not head:
-            raise record_error(index, None, offset, "stream ends without an END record")
-        if len(head) != RecordHeader.size():
-            raise record_error(
-                index, None, offset, f"truncated record header ({len(head)} of 8 bytes)"
-            )
-        h = RecordHeader.unpack_from(head)
-        try:
-            rule = seq.admit(h.type)
-        except RecordError as e:
-            raise record_error(index, h.type, offset, str(e)) from e
-        body = self._read_body(index, offset, h, rule)
+        h, rule = admit_record(index, offset, self._read(RecordHeader.size()), seq)
+        body = self._read_body(index, offset, h)
         summary = RecordSummary(index, h.type, offset, h.length)
         if rule is None:
             summary = dataclasses.replace(summary, note=OPTIONAL_SKIPPED)
         self._records.append(summary)
         return None if rule is None else RawRecord(summary, body)
 
-    def _read_body(
-        self, index: int, offset: int, h: RecordHeader, rule: RecordRule | None
-    ) -> memoryview:
+    def _read_body(self, index: int, offset: int, h: RecordHeader) -> memoryview:
         def fail(message: str) -> StreamError:
             return record_error(index, h.type, offset, message)
 
-        if h.length > REC_LENGTH_MAX:
-            raise fail(f"length {h.length:#x} exceeds the maximum {REC_LENGTH_MAX:#x} (128 MiB)")
-        if rule is not None and rule.fixed_length is not None and h.length != rule.fixed_length:
-            raise fail(f"length {h.length}, a {record_name(h.type)} record is {rule.fixed_length}")
         want = padded(h.length)
         data = self._read(want)
         if len(data) != want:
