@@ -543,8 +543,33 @@ class CpuXsaveFixed(Layout):
     hdr_reserved: bytes = raw(48)
 
 
+class VariableRecord:
+    """Base of the variable-length HVM records: a subclass gives ``TYPECODE``, ``encode()``
+    and ``decode(payload)`` (raising ``ValueError``), and gets the Record conversions."""
+
+    TYPECODE: ClassVar[TypeCode]
+
+    def encode(self) -> bytes:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        raise NotImplementedError
+
+    def to_record(self, instance: int = 0) -> Record:
+        return Record(self.TYPECODE, instance, self.encode())
+
+    @classmethod
+    def from_record(cls, record: Record) -> Self:
+        _check_typecode(record, cls.TYPECODE)
+        try:
+            return cls.decode(record.payload)
+        except ValueError as e:
+            raise HvmContextError(f"{_where(record)}: {e}") from e
+
+
 @dataclass(frozen=True)
-class CpuXsave:
+class CpuXsave(VariableRecord):
     """A CPU_XSAVE record: the fixed part and the (uncompacted) extended save area after it."""
 
     TYPECODE: ClassVar[TypeCode] = TypeCode.CPU_XSAVE
@@ -567,17 +592,6 @@ class CpuXsave:
         if fixed.xcomp_bv & XSTATE_COMPACTION_ENABLED:
             raise ValueError("compressed xsave state not supported")
         return cls(fixed, bytes(payload[CpuXsaveFixed.size() :]))
-
-    def to_record(self, instance: int = 0) -> Record:
-        return Record(self.TYPECODE, instance, self.encode())
-
-    @classmethod
-    def from_record(cls, record: Record) -> CpuXsave:
-        _check_typecode(record, cls.TYPECODE)
-        try:
-            return cls.decode(record.payload)
-        except ValueError as e:
-            raise HvmContextError(f"{_where(record)}: {e}") from e
 
 
 # -- CPU_MSR (20), variable length ------------------------------------------------------------
@@ -602,7 +616,7 @@ class HvmOneMsr(Layout):
 
 
 @dataclass(frozen=True)
-class CpuMsrs:
+class CpuMsrs(VariableRecord):
     """A CPU_MSR record: the MSRs Xen migrates outside HVM_CPU (at least one)."""
 
     TYPECODE: ClassVar[TypeCode] = TypeCode.CPU_MSR
@@ -635,17 +649,6 @@ class CpuMsrs:
             if e.rsvd:
                 raise ValueError(f"msr[{n}] (index {e.index:#x}) has reserved bits {e.rsvd:#x}")
         return cls(tuple((e.index, e.val) for e in entries))
-
-    def to_record(self, instance: int = 0) -> Record:
-        return Record(self.TYPECODE, instance, self.encode())
-
-    @classmethod
-    def from_record(cls, record: Record) -> CpuMsrs:
-        _check_typecode(record, cls.TYPECODE)
-        try:
-            return cls.decode(record.payload)
-        except ValueError as e:
-            raise HvmContextError(f"{_where(record)}: {e}") from e
 
 
 # -- checking a whole context -----------------------------------------------------------------
