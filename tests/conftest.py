@@ -7,9 +7,14 @@ with one, any skip among them fails the run, so CI cannot go green without runni
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Generator
+from pathlib import Path
 
 import pytest
+
+# Shared test helpers (clihelp.py) import as top-level modules from every test directory.
+sys.path.insert(0, str(Path(__file__).parent))
 
 _skipped_kvm: list[str] = []
 

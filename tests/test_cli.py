@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from clihelp import vmce
 from vmce.save.hvmctx import Descriptor, Header, HvmContext
 from vmce.vmce import Domain, HostProfile
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def vmce(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmce.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_decode_status_text() -> None:

@@ -4,28 +4,17 @@ sample mce-inject files' coverage of the language."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from clihelp import vmce
 from qmpfake import FakeVm
 from vmce.host.mceinject import Kw, TokenKind, tokenize
 from vmce.kvm.qmp.server import QmpServer
 
 DATA = Path(__file__).resolve().parent / "data" / "mce-inject"
-
-
-def vmce(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmce.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_sample_files_use_every_keyword() -> None:

@@ -8,8 +8,6 @@ import json
 import os
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from clihelp import start_vm, vmce
 from vmce.guest.events import parse_event
 from vmce.guest.testguest import GuestConfig, TestGuest, Work
 from vmce.guest.verdict import Outcome, decide
@@ -448,29 +447,10 @@ def test_ten_clients_and_a_flood(serve: Callable[..., Served]) -> None:
 # -- as a user does it: vmce run --control in one shell, vmce inject in another ---------------
 
 
-def vmce(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmce.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_vmce_run_control_and_vmce_inject(tmp_path: Path) -> None:
     sock = str(tmp_path / "vm.sock")
-    run = subprocess.Popen(
-        [sys.executable, "-m", "vmce.cli.main", "run", "--vcpus", "2", "--control", sock, "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start_vm(sock, "--vcpus", "2")
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-            time.sleep(0.05)
         r = vmce("inject", "--vm", sock, "--xen", "-d", "1", "-p", "0x3000000", "-t", "0")
         assert r.returncode == 0, r.stderr
         assert "vMCE injected (broadcast)" in r.stdout

@@ -3,54 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from clihelp import start_vm, vmce
 from vmce.kvm.qmp.client import QmpClient
 
 pytestmark = pytest.mark.kvm
 
 
-def vmce(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmce.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_save_inspect_restore_from_the_command_line(tmp_path: Path) -> None:
     sock, stream = str(tmp_path / "vm.sock"), tmp_path / "guest.xen"
-    run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vmce.cli.main",
-            "run",
-            "--vcpus",
-            "2",
-            "--work",
-            "user",
-            "--control",
-            sock,
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start_vm(sock, "--vcpus", "2", "--work", "user")
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-            time.sleep(0.05)
         time.sleep(0.3)
         r = vmce("save", str(stream), "--vm", sock, "--json")
         assert r.returncode == 0, r.stderr
