@@ -43,7 +43,7 @@ HEADERS = 40
 
 
 def cpuid_table(cpu: CpuProfile) -> list[CpuidEntry]:
-    ebx, edx, ecx = cpu.vendor.registers()
+    ebx, edx, ecx = cpu.vendor.cpuid_registers()
     return [
         CpuidEntry(0, 0, 0, 0xD, ebx, ecx, edx),
         CpuidEntry(1, 0, 0, cpu.signature(), 0x800, 0x80000000, 0x178BFBFF),

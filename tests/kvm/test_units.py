@@ -99,7 +99,7 @@ def test_bus_dispatch_overlap_and_unclaimed_ports() -> None:
 # --- CPUID ----------------------------------------------------------------------------------
 
 HOST = [
-    CpuidEntry(0, 0, 0, 0xD, *Vendor.AMD.registers()[0:1], 0, 0),
+    CpuidEntry(0, 0, 0, 0xD, *Vendor.AMD.cpuid_registers()[0:1], 0, 0),
     CpuidEntry(1, 0, 0, 0xA10F11, 0x00020800, 0x80000000, 0x178BFBFF & ~(1 << 7)),
     CpuidEntry(0xB, 0, 1, 0, 1, 0x100, 7),
     CpuidEntry(0xB, 1, 1, 0, 2, 0x201, 7),

@@ -33,7 +33,6 @@ from vmce.kvm.x86.cpuid import AMD_ZEN3, INTEL_BROADWELL, CpuProfile
 from vmce.mca.constants import CR4_MCE, MC_VECTOR
 from vmce.mca.msr import AMD_THRESHOLD_MSRS, VMCE_ROUTED_RANGES
 from vmce.vmce import BROADCAST, BankRecord, Crash, Delivery, Domain, HostProfile, InjectionPolicy
-from vmce.vmce import Vendor as ModelVendor
 
 #: How often a #MC is retried while another exception occupies the vCPU's event slot.
 MAX_DELIVERY_RETRIES = 200
@@ -100,7 +99,7 @@ class VmceVm:
     def __init__(self, config: VmceVmConfig) -> None:
         self.config = config
         cpu = config.guest_cpu()
-        guest_vendor = ModelVendor.parse(cpu.vendor.value)
+        guest_vendor = cpu.vendor
         self.domain = Domain(
             config.profile,
             config.vcpus,

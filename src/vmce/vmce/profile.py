@@ -36,12 +36,21 @@ class Vendor(Enum):
     def cpuid_string(self) -> str:
         return _CPUID_VENDOR[self]
 
+    def cpuid_registers(self) -> tuple[int, int, int]:
+        """The vendor string as CPUID leaf 0 returns it: (EBX, EDX, ECX)."""
+        raw = self.cpuid_string.encode("ascii").ljust(12)[:12]
+        return (
+            int.from_bytes(raw[0:4], "little"),
+            int.from_bytes(raw[4:8], "little"),
+            int.from_bytes(raw[8:12], "little"),
+        )
+
     @classmethod
     def parse(cls, text: str) -> Vendor:
         """A vendor from its name (``intel``) or CPUID string (``GenuineIntel``)."""
         key = text.strip().lower()
         for v in cls:
-            if key in (v.value, v.cpuid_string.lower()):
+            if key in (v.value, v.cpuid_string.strip().lower()):
                 return v
         names = ", ".join(v.value for v in cls)
         raise ValueError(f"unknown vendor {text!r} (expected one of: {names})")

@@ -66,7 +66,7 @@ from vmce.kvm.persist.vendor import (
 )
 from vmce.kvm.vm import DEFAULT_TSS_ADDR
 from vmce.kvm.vstate import MachineState
-from vmce.kvm.x86.cpuid import CpuidEntry, CpuProfile, Vendor
+from vmce.kvm.x86.cpuid import CpuidEntry, CpuProfile
 from vmce.save.hvmctx import (
     VMCE_VCPU_SIZES,
     Header,
@@ -94,7 +94,7 @@ from vmce.save.hvmrecords import (
 )
 from vmce.save.stream import CpuidLeaf, MsrPolicyEntry, PageType, RecordType, StreamError, TscInfo
 from vmce.save.stream.format import CPUID_NO_SUBLEAF
-from vmce.vmce import Domain, HostProfile, RestoreError, VmceSave
+from vmce.vmce import Domain, HostProfile, RestoreError, Vendor, VmceSave
 
 if TYPE_CHECKING:
     from vmce.kvm.vmcevm import VmceVmConfig
@@ -296,9 +296,11 @@ def guest_cpu(leaves: tuple[CpuidLeaf, ...]) -> CpuProfile:
         raise ValueError("the policy has no leaf 0 or leaf 1")
     raw = b"".join(x.to_bytes(4, "little") for x in (v.b, v.d, v.c))
     try:
-        vendor = Vendor(raw.decode("ascii"))
+        vendor = Vendor.parse(raw.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"guest CPU vendor {raw!r} is not one this VMM shows") from None
+        vendor = Vendor.UNKNOWN
+    if vendor not in (Vendor.INTEL, Vendor.AMD):
+        raise ValueError(f"guest CPU vendor {raw!r} is not one this VMM shows")
     eax = f.a
     base_family, base_model = eax >> 8 & 0xF, eax >> 4 & 0xF
     family = base_family + (eax >> 20 & 0xFF if base_family == 0xF else 0)

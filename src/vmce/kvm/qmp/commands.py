@@ -53,10 +53,10 @@ from vmce.host.xenmceinj import Delivery as XenDelivery
 from vmce.kvm.qmp import events as ev
 from vmce.kvm.qmp.protocol import ErrorClass, Kind, Param, QmpError, check_args
 from vmce.kvm.vmcevm import MsrAccess, VmceVm
-from vmce.kvm.x86.cpuid import Vendor as CpuVendor
 from vmce.mca.constants import MCG_STATUS_MCIP, MCI_STATUS_UC, MCI_STATUS_VAL
 from vmce.mca.msr import Msr
 from vmce.vmce.direct import GUEST_ERROR_BANK, BankLoad, LoadResult, Merge, busy_vcpus, load_banks
+from vmce.vmce.profile import Vendor
 
 U64 = (1 << 64) - 1
 MSR_MCG_STATUS = int(Msr.MCG_STATUS)
@@ -164,7 +164,7 @@ class Controller:
     def broadcast_supported(self) -> bool:
         """QEMU's ``cpu_x86_support_mca_broadcast``: Intel family 6 model >= 14, or later."""
         cpu = self.vm.config.guest_cpu()
-        if cpu.vendor is not CpuVendor.INTEL:
+        if cpu.vendor is not Vendor.INTEL:
             return False
         return cpu.family > 6 or (cpu.family == 6 and cpu.model >= 14)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from enum import Enum, IntEnum
+from enum import IntEnum
 
 from vmce.kvm.abi import KvmCpuidEntry2
+from vmce.vmce import Vendor
 
 #: CPUID.1:EDX bits that Linux needs together for machine checks.
 CPUID1_EDX_MCE = 1 << 7
@@ -67,22 +68,6 @@ HYPERCALL_PV_FEATURES: frozenset[KvmPvFeature] = frozenset(
         KvmPvFeature.HC_MAP_GPA_RANGE,
     }
 )
-
-
-class Vendor(Enum):
-    """CPU vendors a guest can be shown; the value is the 12-character vendor string."""
-
-    INTEL = "GenuineIntel"
-    AMD = "AuthenticAMD"
-
-    def registers(self) -> tuple[int, int, int]:
-        """The string as CPUID.0 returns it: (EBX, EDX, ECX)."""
-        raw = self.value.encode("ascii")
-        return (
-            int.from_bytes(raw[0:4], "little"),
-            int.from_bytes(raw[4:8], "little"),
-            int.from_bytes(raw[8:12], "little"),
-        )
 
 
 @dataclass(frozen=True)
@@ -152,7 +137,7 @@ class CpuidEntry:
 def _edit(entry: CpuidEntry, profile: CpuProfile | None, apic_id: int, hide: int) -> CpuidEntry:
     fn = entry.function
     if fn == Leaf.VENDOR and profile is not None:
-        ebx, edx, ecx = profile.vendor.registers()
+        ebx, edx, ecx = profile.vendor.cpuid_registers()
         return replace(entry, ebx=ebx, ecx=ecx, edx=edx)
     if fn == Leaf.FEATURES:
         eax = profile.signature() if profile is not None else entry.eax
@@ -165,7 +150,7 @@ def _edit(entry: CpuidEntry, profile: CpuProfile | None, apic_id: int, hide: int
         return replace(entry, eax=entry.eax & ~hide)
     if fn == Leaf.EXT_MAX and profile is not None:
         if profile.vendor is Vendor.AMD:
-            ebx, edx, ecx = profile.vendor.registers()
+            ebx, edx, ecx = profile.vendor.cpuid_registers()
             return replace(entry, ebx=ebx, ecx=ecx, edx=edx)
         return replace(entry, ebx=0, ecx=0, edx=0)
     if fn == Leaf.EXT_FEATURES and profile is not None:
