@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from vmce.guest.linux.snapshot import booted_guest, snapshot_path
 from vmce.guest.testguest import Flags, GuestConfig, GuestTimeout, TestGuest, Work
 from vmce.guest.verdict import Verdict, decide
 from vmce.host.catalog import CATALOG, NamedError, lookup
-from vmce.kvm.qmp.commands import SaveFunction
+from vmce.kvm.persist import save_vm
 from vmce.kvm.qmp.server import ControlSocketError, QmpServer
 from vmce.kvm.stop import StopReason
 from vmce.kvm.vmcevm import VmceVm
@@ -224,7 +223,7 @@ def _serve(g: TestGuest | LinuxGuest, path: str) -> QmpServer:
         e = parse_event(line)
         return None if e is None else {"kind": e.kind, **e.fields}
 
-    server = QmpServer(g.vm, path, line_parser=guest_event, save=_save_function())
+    server = QmpServer(g.vm, path, line_parser=guest_event, save=_save_vm)
     try:
         server.start()
     except ControlSocketError as e:
@@ -232,21 +231,9 @@ def _serve(g: TestGuest | LinuxGuest, path: str) -> QmpServer:
     return server
 
 
-def _save_function() -> SaveFunction | None:
-    """The control socket's ``vmce-save``: :func:`vmce.kvm.persist.save.save_vm` when this build
-    has it (a user-paused VM stays paused)."""
-    try:
-        module = importlib.import_module("vmce.kvm.persist.save")
-    except ImportError:
-        return None
-    save_vm = getattr(module, "save_vm", None)
-    if save_vm is None:
-        return None
-
-    def save(vm: VmceVm, path: str, paused: bool) -> Any:
-        return save_vm(vm, path, resume=not paused)
-
-    return save
+def _save_vm(vm: VmceVm, path: str, paused: bool) -> Any:
+    """The control socket's ``vmce-save`` (a user-paused VM stays paused)."""
+    return save_vm(vm, path, resume=not paused)
 
 
 def _inject_and_wait(
